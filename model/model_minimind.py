@@ -234,15 +234,18 @@ def attention_allowed(attention_mask: torch.Tensor | None, query_len: int, past_
     earlier keys of its own document only, so packing several documents into one row trains exactly
     as if each were alone. Every query also sees itself, so padding rows never become all -inf (NaN).
     """
-    if attention_mask is None or (past_len == 0 and bool((attention_mask == 1).all())):
-        return None
+    no_padding = attention_mask is None or bool((attention_mask == 1).all())
+    if no_padding and (past_len == 0 or query_len == 1):
+        return None  # plain causal: SDPA's is_causal, or a single new query that sees every key
     key_len = past_len + query_len
-    doc_of_key = attention_mask[:, None, None, :key_len]
-    doc_of_query = attention_mask[:, None, past_len:key_len, None]
-    query_pos = torch.arange(past_len, key_len, device=attention_mask.device)[:, None]
-    key_pos = torch.arange(key_len, device=attention_mask.device)[None, :]
-    causal = key_pos <= query_pos
-    allowed = causal & (doc_of_key == doc_of_query) & (doc_of_key != 0)
+    device = attention_mask.device if attention_mask is not None else None
+    query_pos = torch.arange(past_len, key_len, device=device)[:, None]
+    key_pos = torch.arange(key_len, device=device)[None, :]
+    allowed = (key_pos <= query_pos)[None, None]
+    if not no_padding:
+        doc_of_key = attention_mask[:, None, None, :key_len]
+        doc_of_query = attention_mask[:, None, past_len:key_len, None]
+        allowed = allowed & (doc_of_key == doc_of_query) & (doc_of_key != 0)
     return allowed | (key_pos == query_pos)
 
 
@@ -280,15 +283,13 @@ class Attention(nn.Module):
         repeats = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         dropout = self.dropout if self.training else 0.0
-        causal_only = allowed is None and seq_len == k.shape[2]
         if self.use_sdpa:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
-                                                 is_causal=causal_only and seq_len > 1)
+                                                 is_causal=allowed is None and seq_len > 1)
         else:  # the same computation written out
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-            if allowed is None:
-                past_len = k.shape[2] - seq_len
-                allowed = torch.ones(seq_len, k.shape[2], dtype=torch.bool, device=x.device).tril(past_len)
+            if allowed is None:  # no past keys (or one query): the lower triangle
+                allowed = torch.ones(seq_len, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - seq_len)
             scores = scores.masked_fill(~allowed, float("-inf"))
             weights = F.dropout(F.softmax(scores.float(), dim=-1).type_as(q), p=dropout)
             out = weights @ v
