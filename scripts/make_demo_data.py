@@ -237,7 +237,8 @@ def count_letters(rng: random.Random, lang: str) -> Problem:
             statement = f"单词 {word} 有 {answer} 个字母。"
             reasoning = f"把 {word} 拆开：{spelled}。\n一共 {answer} 个字母。"
         else:
-            question = rng.choice((f"How many letters are in the word {word}?", f'How many letters does "{word}" have?'))
+            question = rng.choice((f"How many letters are in the word {word}?",
+                                   f'How many letters does "{word}" have?'))
             statement = f"The word {word} has {answer} letters."
             reasoning = f"Spell it out: {spelled}.\nThat is {answer} letters."
     else:
@@ -252,17 +253,19 @@ def count_letters(rng: random.Random, lang: str) -> Problem:
             question = rng.choice((f"How many times does the letter {letter} appear in {word}?",
                                    f'How many {letter}\'s are in "{word}"?'))
             statement = f"The letter {letter} appears {answer} time{'s' if answer > 1 else ''} in {word}."
-            reasoning = f"Spell it out: {spelled}.\nThe letter {letter} is at position {', '.join(positions)}, so {answer} in all."
+            reasoning = (f"Spell it out: {spelled}.\n"
+                         f"The letter {letter} is at position {', '.join(positions)}, so {answer} in all.")
     return Problem("count_letters", lang, question, str(answer), statement, reasoning, _wrong_number(rng, answer, (1,)))
 
 
 UNITS = [  # (zh from, zh to, en from (singular, plural), en to plural, from symbol, to symbol, factor)
+    # Days have no common symbol: their "symbol" question spells the units out.
     ("米", "厘米", ("meter", "meters"), "centimeters", "m", "cm", 100),
     ("千米", "米", ("kilometer", "kilometers"), "meters", "km", "m", 1000),
     ("千克", "克", ("kilogram", "kilograms"), "grams", "kg", "g", 1000),
     ("小时", "分钟", ("hour", "hours"), "minutes", "h", "min", 60),
     ("分钟", "秒", ("minute", "minutes"), "seconds", "min", "s", 60),
-    ("天", "小时", ("day", "days"), "hours", "days", "hours", 24),
+    ("天", "小时", ("day", "days"), "hours", None, None, 24),
 ]
 
 
@@ -276,7 +279,8 @@ def unit_convert(rng: random.Random, lang: str) -> Problem:
         statement = f"{value} {zh_from}等于 {answer} {zh_to}。"
         reasoning = f"1 {zh_from} = {factor} {zh_to}。\n{value} {zh_from} = {value} × {factor} = {answer} {zh_to}。"
     else:
-        question = rng.choice((f"{value} {sym_from} = ? {sym_to}", f"How many {en_to} are in {value} {en_from}?"))
+        with_symbols = f"{value} {sym_from} = ? {sym_to}" if sym_from else f"{value} {en_from} = ? {en_to}"
+        question = rng.choice((with_symbols, f"How many {en_to} are in {value} {en_from}?"))
         statement = f"{value} {en_from} is {answer} {en_to}."
         reasoning = f"1 {en_one} = {factor} {en_to}.\n{value} {en_from} = {value} × {factor} = {answer} {en_to}."
     wrong = str(value * factor // 10) if factor % 10 == 0 and rng.random() < 0.5 else _wrong_number(rng, answer)

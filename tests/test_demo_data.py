@@ -48,7 +48,8 @@ def check_message(message: dict) -> None:
     role = message.get("role")
     assert role in {"system", "user", "assistant", "tool"}, message
     assert isinstance(message.get("content"), str), message
-    allowed = {"role", "content"} | {"system": {"functions"}, "assistant": {"tool_calls", "reasoning_content"}}.get(role, set())
+    extra_keys = {"system": {"functions"}, "assistant": {"tool_calls", "reasoning_content"}}
+    allowed = {"role", "content"} | extra_keys.get(role, set())
     assert set(message) <= allowed, message
     if role == "assistant":
         assert message["content"].strip() or message.get("tool_calls"), message
@@ -174,9 +175,9 @@ def test_eval_mixes_tasks_and_languages():
 
 UNIT_FACTORS = {("米", "厘米"): 100, ("千米", "米"): 1000, ("千克", "克"): 1000, ("小时", "分钟"): 60,
                 ("分钟", "秒"): 60, ("天", "小时"): 24, ("m", "cm"): 100, ("km", "m"): 1000, ("kg", "g"): 1000,
-                ("h", "min"): 60, ("min", "s"): 60, ("days", "hours"): 24, ("meter", "centimeter"): 100,
-                ("kilometer", "meter"): 1000, ("kilogram", "gram"): 1000, ("hour", "minute"): 60,
-                ("minute", "second"): 60, ("day", "hour"): 24}
+                ("h", "min"): 60, ("min", "s"): 60, ("day", "hours"): 24, ("days", "hours"): 24,
+                ("meter", "centimeter"): 100, ("kilometer", "meter"): 1000, ("kilogram", "gram"): 1000,
+                ("hour", "minute"): 60, ("minute", "second"): 60, ("day", "hour"): 24}
 OPERATIONS = {"加": int.__add__, "+": int.__add__, "plus": int.__add__, "sum": int.__add__,
               "减": int.__sub__, "-": int.__sub__, "minus": int.__sub__, "difference": int.__sub__,
               "乘以": int.__mul__, "×": int.__mul__, "times": int.__mul__, "product": int.__mul__}
@@ -206,15 +207,18 @@ def solve(question: str) -> int:
         return m[2].split("、").count(m[1])
     if m := match(r"下面一共有几个.+：(.+)？") or match(r"数一数：(.+)，一共几个？"):
         return len(m[1].split("、"))
-    if m := match(r"How many times does (\w+) appear in: (.+)\?") or match(r"Count how many times (\w+) appears: (.+)\."):
+    if m := (match(r"How many times does (\w+) appear in: (.+)\?")
+              or match(r"Count how many times (\w+) appears: (.+)\.")):
         return m[2].split(", ").count(m[1])
     if m := match(r"How many \w+ are in this list: (.+)\?") or match(r"Count the items: (.+)\."):
         return len(m[1].split(", "))
     if m := match(r"单词 ([a-z]+) 里有几个字母 ([a-z])？") or match(r"“([a-z]+)” 中字母 ([a-z]) 出现了几次？"):
         return m[1].count(m[2])
-    if m := match(r"How many times does the letter ([a-z]) appear in ([a-z]+)\?") or match(r'How many ([a-z])\'s are in "([a-z]+)"\?'):
+    if m := (match(r"How many times does the letter ([a-z]) appear in ([a-z]+)\?")
+              or match(r'How many ([a-z])\'s are in "([a-z]+)"\?')):
         return m[2].count(m[1])
-    if m := match(r"单词 ([a-z]+) 有几个字母？|“([a-z]+)” 一共有多少个字母？|How many letters are in the word ([a-z]+)\?|How many letters does \"([a-z]+)\" have\?"):
+    if m := match(r"单词 ([a-z]+) 有几个字母？|“([a-z]+)” 一共有多少个字母？"
+                  r'|How many letters are in the word ([a-z]+)\?|How many letters does "([a-z]+)" have\?'):
         return len(next(g for g in m.groups() if g))
     raise ValueError(f"no rule for {question!r}")
 

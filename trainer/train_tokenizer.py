@@ -180,13 +180,14 @@ def save(tokenizer: Tokenizer, out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_path", type=Path, nargs="+", default=DEFAULT_DATA,
-                        help="jsonl files (pretrain, SFT, DPO or RL format) to learn merges from")
-    parser.add_argument("--vocab_size", type=int, default=6400, help="ids in all, special tokens included")
+                        help="jsonl files (pretrain, SFT, DPO or RL format) to learn merges from; "
+                             "the default is the demo pretrain and SFT data")
+    parser.add_argument("--vocab_size", type=int, default=6400,
+                        help="ids in all, special tokens included (default 6400)")
     parser.add_argument("--out_dir", type=Path, default=REPO_ROOT / "model",
-                        help="where tokenizer.json and tokenizer_config.json go")
+                        help="where tokenizer.json and tokenizer_config.json go (default: <repo>/model)")
     args = parser.parse_args(argv)
 
     tokenizer = train_tokenizer(read_texts(args.data_path), args.vocab_size)
