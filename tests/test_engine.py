@@ -1,0 +1,112 @@
+"""The engine's promises, in-process: token-normalised accumulation, LR schedule, NaN guard."""
+
+import math
+
+import pytest
+import torch
+
+from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+from trainer import engine
+
+
+def make_args(tmp_path, *extra: str):
+    parser = engine.stage_parser("test", save_weight="unit", from_weight="none", learning_rate=1e-3, epochs=1,
+                                 batch_size=2, max_seq_len=16, data_file="none.jsonl")
+    return parser.parse_args(["--save_dir", str(tmp_path / "out"), "--checkpoint_dir", str(tmp_path / "ckpt"),
+                              "--device", "cpu", "--dtype", "float32", *extra])
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return MiniMindForCausalLM(MiniMindConfig(**PRESETS["tiny"]))
+
+
+def batch_with_labels(ids: torch.Tensor, labelled: int) -> dict:
+    labels = ids.clone()
+    labels[:, : ids.shape[1] - labelled] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def test_accumulation_weighs_every_token_equally(tmp_path):
+    """Two micro-batches with 4 and 13 loss tokens must give the gradient of the mean over all 17 tokens,
+    not the mean of the two micro-batch means."""
+    ids = torch.randint(3, 6400, (1, 16), generator=torch.Generator().manual_seed(0))
+    small, large = batch_with_labels(ids, 4), batch_with_labels(ids.flip(1), 13)
+
+    model = tiny_model()
+    trainer = engine.Trainer(make_args(tmp_path, "--accumulation_steps", "2", "--grad_clip", "0"), engine.Runtime(
+        torch.device("cpu"), torch.float32), model)
+    trainer.total_steps = 1
+    trainer.start_logging()
+    captured = {}
+    trainer.optimizer_step = lambda finite: captured.update(
+        {n: p.grad.clone() for n, p in model.named_parameters()}) or (False, 0.0)
+    trainer.train_step([small, large], engine.causal_lm_loss)
+
+    reference = tiny_model()
+    total = 0.0
+    for batch in (small, large):
+        logits = reference(batch["input_ids"]).logits[:, :-1]
+        total = total + torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                          ignore_index=-100, reduction="sum")
+    (total / 17).backward()
+    for name, param in reference.named_parameters():
+        assert torch.allclose(captured[name], param.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_cosine_schedule_warmup_and_floor():
+    peak = 1.0
+    assert engine.cosine_lr(0, 100, peak, warmup_steps=10) == pytest.approx(0.1)
+    assert engine.cosine_lr(9, 100, peak, warmup_steps=10) == pytest.approx(1.0)
+    assert engine.cosine_lr(10, 100, peak, warmup_steps=10) == pytest.approx(1.0)
+    assert engine.cosine_lr(100, 100, peak, warmup_steps=10) == pytest.approx(0.1)
+    middle = engine.cosine_lr(55, 100, peak, warmup_steps=10)
+    assert middle == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    values = [engine.cosine_lr(s, 100, peak, 10) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    model = tiny_model()
+    trainer = engine.Trainer(make_args(tmp_path, "--max_bad_steps", "3"), engine.Runtime(torch.device("cpu"), torch.float32), model)
+    trainer.total_steps = 10
+    trainer.start_logging()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(3, 6400, (2, 8))
+
+    def poisoned_loss(model, batch):
+        out = engine.causal_lm_loss(model, batch)
+        out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+    for _ in range(2):
+        trainer.train_step([{"input_ids": ids, "labels": ids}], poisoned_loss)
+    assert trainer.skipped_steps == 2 and trainer.step == 0
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    trainer.train_step([{"input_ids": ids, "labels": ids}], engine.causal_lm_loss)  # a good step resets the streak
+    assert trainer.step == 1 and trainer.bad_steps == 0
+    with pytest.raises(RuntimeError, match="non-finite"):
+        for _ in range(3):
+            trainer.train_step([{"input_ids": ids, "labels": ids}], poisoned_loss)
+
+
+def test_weights_file_is_half_precision_with_config_sidecar(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "pretrain_64.pth"
+    engine.save_weights(model, path)
+    state, config = engine.read_weights(path)
+    assert all(v.dtype == torch.float16 for v in state.values())
+    assert config.hidden_size == 64 and config.num_hidden_layers == 2
+    twin = MiniMindForCausalLM(config)
+    twin.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+
+def test_weight_file_names_follow_minimind():
+    assert engine.weight_stem(MiniMindConfig(), "pretrain") == "pretrain_512"
+    assert engine.weight_stem(MiniMindConfig(**PRESETS["minimind2-moe"]), "full_sft") == "full_sft_640_moe"
+
+
+def test_auto_dtype_is_fp32_or_a_faster_bf16_on_cpu():
+    dtype = engine.pick_dtype("auto", torch.device("cpu"))
+    assert dtype in (torch.float32, torch.bfloat16)
+    assert engine.pick_dtype("float16", torch.device("cpu")) == torch.float16
