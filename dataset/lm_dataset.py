@@ -552,7 +552,7 @@ class PackedBatches:
         self.dataset, self.batch_size, self.max_length = dataset, batch_size, max_length
         self.pack = pack and getattr(dataset, "packable", True)
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
-        self.num_workers, self.buffer_size = num_workers, max(buffer_size, batch_size) if self.pack else batch_size
+        self.num_workers, self.buffer_size = num_workers, max(buffer_size, 1) if self.pack else batch_size
         self.pad_token_id = getattr(dataset, "pad_token_id", 0)
         self.collate = pack_rows if self.pack else getattr(dataset, "collate", JsonlDataset.collate)
         self.epoch, self.position, self.buffer = 0, 0, []
@@ -579,9 +579,9 @@ class PackedBatches:
                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["seed"], state["world_size"]) != (self.seed, self.world_size):
-            raise ValueError(f"data state was saved with seed {state['seed']} and world size "
-                             f"{state['world_size']}, this run has {self.seed} and {self.world_size}")
+        saved, this_run = (state["seed"], state["rank"], state["world_size"]), (self.seed, self.rank, self.world_size)
+        if saved != this_run:
+            raise ValueError(f"data state was saved with (seed, rank, world size) {saved}, this run has {this_run}")
         self.epoch, self.position, self.buffer = int(state["epoch"]), int(state["position"]), list(state["buffer"])
 
     # -- iteration ----------------------------------------------------------------------------

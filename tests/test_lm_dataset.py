@@ -319,3 +319,26 @@ def test_dpo_and_rlaif_batches_pad(tmp_path, tokenizer):
                                  shuffle=False)))
     assert rl["attention_mask"][0, 0] == 0 and rl["attention_mask"][:, -1].all()  # left padding
     assert rl["answer"] == ["1", "9"] and all(p.endswith(GENERATION_PROMPT) for p in rl["prompt"])
+
+
+def _count_batches_on_rank(rank: int, init_file: str, data_path: str, tokenizer, counts) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        dataset = PretrainDataset(data_path, tokenizer, max_length=64)
+        counts[rank] = sum(1 for _ in PackedBatches(dataset, 1, 64, shuffle=False, rank=rank, world_size=2))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_ranks_end_the_epoch_together(tmp_path, tokenizer):
+    # Without shuffling rank 0 takes the even lines (long) and rank 1 the odd ones (short): rank 0 has
+    # many more packed rows, yet both must stop at the same batch or a gradient all-reduce would hang.
+    records = [{"text": "long text " * 20 if i % 2 == 0 else "short"} for i in range(16)]
+    path = write_jsonl(tmp_path / "p.jsonl", records)
+    alone = [sum(1 for _ in PackedBatches(PretrainDataset(path, tokenizer, 64), 1, 64, shuffle=False, rank=r,
+                                          world_size=2)) for r in range(2)]
+    assert alone[0] > alone[1]
+    counts = torch.multiprocessing.get_context("fork").Manager().dict()
+    torch.multiprocessing.start_processes(_count_batches_on_rank, nprocs=2, start_method="fork",
+                                          args=(str(tmp_path / "init"), str(path), tokenizer, counts))
+    assert counts[0] == counts[1] == alone[1]
