@@ -1,0 +1,326 @@
+"""Chat with a trained model, or measure it.
+
+    python eval_llm.py                                        # canned questions to out/full_sft_512.pth
+    python eval_llm.py --mode chat --historys 2               # type questions; the last 2 exchanges are kept
+    python eval_llm.py --weight pretrain                      # out/pretrain_512.pth
+    python eval_llm.py --load_from path/to/model.pth          # a .pth, an HF directory, any transformers chat model
+    python eval_llm.py --eval_file dataset/demo/eval.jsonl    # exact-match accuracy, overall and per task
+    python eval_llm.py --ppl_file held_out.jsonl              # perplexity of pretrain (text) or SFT (conversations) data
+
+Evaluation prints a table, and one JSON object as the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dataset.tasks import is_correct
+from model.loader import (PromptTooLong, add_model_args, chat_stream, context_length, describe, fit_history,
+                          generation_config, load_from_args, render_prompt, start_messages)
+
+CANNED_PROMPTS = [
+    "你有什么特长？",
+    "请用一句话介绍一下你自己。",
+    "为什么天空是蓝色的？",
+    "推荐几本值得一读的中国古典小说。",
+    "3 加 2 等于多少？",
+    "97 和 89 中较大的数是哪个？",
+    "Tell me a short story about a cat.",
+    "What is the capital of France?",
+    "What is the product of 6 and 7?",
+    "How many centimeters are in 10 meters?",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    chat = parser.add_argument_group("chat")
+    chat.add_argument("--mode", default="auto", choices=["auto", "chat"],
+                      help="auto = answer the canned questions; chat = read your questions from stdin (default: auto)")
+    chat.add_argument("--historys", type=int, default=0,
+                      help="past exchanges (question + answer) kept in the prompt; 0 = every question alone. "
+                           "Older ones are dropped first, also when the prompt would not fit the context")
+    chat.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens (default: 512)")
+    chat.add_argument("--temperature", type=float, default=0.85, help="0 = greedy (default: 0.85)")
+    chat.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling threshold (default: 0.85)")
+    chat.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens; 0 = no cut (default: 0)")
+    chat.add_argument("--repetition_penalty", type=float, default=1.0, help="(default: 1.0 = none)")
+    chat.add_argument("--open_thinking", type=int, default=None, choices=[0, 1],
+                      help="1 = ask for a <think> block, 0 = an empty one (default: the chat template's own choice)")
+    chat.add_argument("--seed", type=int, default=None, help="makes sampled answers repeatable")
+    chat.add_argument("--show_speed", type=int, default=0, choices=[0, 1], help="1 = print tokens/s after each answer")
+
+    evaluation = parser.add_argument_group("evaluation (instead of chatting)")
+    evaluation.add_argument("--eval_file", default=None,
+                            help="jsonl of {conversations, answer, task}: greedy answers scored by exact match "
+                                 "(e.g. dataset/demo/eval.jsonl)")
+    evaluation.add_argument("--ppl_file", default=None,
+                            help="jsonl of {text} (all tokens count) or {conversations} (only assistant tokens count)")
+    evaluation.add_argument("--eval_out", default=None, help="also write the results, with every prediction, to this JSON file")
+    evaluation.add_argument("--max_samples", type=int, default=0, help="use only the first N lines of each file (0 = all)")
+    evaluation.add_argument("--batch_size", type=int, default=16, help="questions or documents per batch (default: 16)")
+    evaluation.add_argument("--max_seq_len", type=int, default=512, help="perplexity: documents are cut to this many tokens")
+    return parser.parse_args(argv)
+
+
+def enable_thinking(args: argparse.Namespace) -> bool | None:
+    return None if args.open_thinking is None else bool(args.open_thinking)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat
+# ---------------------------------------------------------------------------------------------
+
+def typed_questions() -> Iterator[str]:
+    while True:
+        try:
+            question = input("👶: ").strip()
+        except EOFError:
+            print()
+            return
+        if question:
+            yield question
+
+
+def chat(args: argparse.Namespace, model, tokenizer, questions: Iterable[str], echo: bool) -> None:
+    """Answer each question, streaming; earlier exchanges stay in the conversation as --historys says."""
+    max_prompt_tokens = context_length(model) - args.max_new_tokens
+    if max_prompt_tokens <= 0:
+        sys.exit(f"error: --max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the "
+                 f"model's {context_length(model)}-token context")
+    conversation = start_messages(args.system_prompt)
+    for question in questions:
+        if echo:
+            print(f"👶: {question}")
+        conversation.append({"role": "user", "content": question})
+        try:
+            messages = fit_history(tokenizer, conversation, max_prompt_tokens, keep_turns=args.historys,
+                                   enable_thinking=enable_thinking(args))
+        except PromptTooLong as error:
+            print(f"(skipped: {error})", file=sys.stderr)
+            conversation.pop()
+            continue
+        print("🤖: ", end="", flush=True)
+        start = time.perf_counter()
+        pieces = []
+        with chat_stream(model, tokenizer, messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                         enable_thinking=enable_thinking(args), seed=args.seed) as stream:
+            for piece in stream:
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        print()
+        if args.show_speed:
+            seconds = time.perf_counter() - start
+            print(f"[{stream.completion_tokens} tokens, {stream.completion_tokens / max(seconds, 1e-9):.1f} tokens/s]")
+        print()
+        conversation.append({"role": "assistant", "content": "".join(pieces)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation data
+# ---------------------------------------------------------------------------------------------
+
+def read_jsonl(path: Path, max_samples: int, required: tuple[str, ...]) -> list[dict]:
+    """The records of a jsonl file (the first `max_samples` if > 0); a bad line stops with `path:line: why`."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not any(key in record for key in required):
+                raise ValueError(f"{path}:{line_number}: expected an object with {' or '.join(map(repr, required))}")
+            records.append(record)
+            if max_samples and len(records) >= max_samples:
+                break
+    return records
+
+
+def question_messages(record: dict, system_prompt: str | None) -> list[dict]:
+    """The conversation to answer: a trailing reference answer, if the record carries one, is left out."""
+    conversation = list(record["conversations"])
+    if conversation and conversation[-1]["role"] == "assistant":
+        conversation.pop()
+    return start_messages(system_prompt) + conversation
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact-match accuracy
+# ---------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def greedy_answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy replies to rendered prompts, `batch_size` at a time, left-padded so every row's next
+    token comes from the same position."""
+    config = generation_config(model, tokenizer, max_new_tokens=max_new_tokens)
+    answers = []
+    with tqdm(total=len(prompts), desc="answering", unit="q", file=sys.stderr) as progress:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                              padding_side="left", add_special_tokens=False).to(model.device)
+            output = model.generate(**batch, generation_config=config)
+            answers += tokenizer.batch_decode(output[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+            progress.update(batch.input_ids.shape[0])
+    return answers
+
+
+def score(records: list[dict], predictions: list[str]) -> dict:
+    """Exact-match accuracy overall and per task (and per language when the records say)."""
+    correct = [is_correct(prediction, str(record["answer"])) for record, prediction in zip(records, predictions)]
+    summary = {"samples": len(records), "correct": sum(correct), "accuracy": sum(correct) / max(len(records), 1)}
+    for field in ("task", "lang"):
+        if not any(field in record for record in records):
+            continue
+        groups: dict[str, list[bool]] = defaultdict(list)
+        for record, ok in zip(records, correct):
+            groups[str(record.get(field, "?"))].append(ok)
+        summary[f"per_{field}"] = {name: {"samples": len(oks), "correct": sum(oks), "accuracy": sum(oks) / len(oks)}
+                                   for name, oks in sorted(groups.items())}
+    return summary
+
+
+def evaluate_accuracy(args: argparse.Namespace, model, tokenizer, path: Path) -> tuple[dict, list[dict]]:
+    records = read_jsonl(path, args.max_samples, required=("conversations",))
+    for line, record in enumerate(records, 1):
+        if "answer" not in record:
+            raise ValueError(f"{path}: record {line} has no 'answer' to check against")
+    prompts = [render_prompt(tokenizer, question_messages(record, args.system_prompt), enable_thinking=enable_thinking(args))
+               for record in records]
+    predictions = greedy_answers(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)
+    details = [{"question": record["conversations"][-1]["content"], "answer": record["answer"], "prediction": prediction,
+                "correct": is_correct(prediction, str(record["answer"])), "task": record.get("task")}
+               for record, prediction in zip(records, predictions)]
+    return {"eval_file": str(path), **score(records, predictions)}, details
+
+
+def print_table(summary: dict) -> None:
+    rows = [(name, group) for name, group in summary.get("per_task", {}).items()]
+    rows.append(("all", summary))
+    width = max(len(name) for name, _ in rows)
+    print(f"{'task':<{width}}  {'samples':>7}  {'correct':>7}  {'accuracy':>8}")
+    for name, group in rows:
+        print(f"{name:<{width}}  {group['samples']:>7}  {group['correct']:>7}  {group['accuracy']:>8.1%}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity
+# ---------------------------------------------------------------------------------------------
+
+def assistant_spans(tokenizer, conversation: list[dict], text: str) -> list[tuple[int, int]]:
+    """Character ranges of `text` (the rendered conversation) written by the assistant: each reply
+    and its closing end-of-turn token, as SFT trains on. Found by rendering each prefix of the
+    conversation, which needs a template that renders earlier turns unchanged."""
+    spans = []
+    for i, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        before = render_prompt(tokenizer, conversation[:i], add_generation_prompt=True)
+        through = render_prompt(tokenizer, conversation[:i + 1], add_generation_prompt=False)
+        if not (text.startswith(before) and text.startswith(through)):
+            raise ValueError("the chat template renders earlier turns differently as the conversation grows; "
+                             "perplexity on conversations needs one that does not")
+        end_of_turn = through.rfind(tokenizer.eos_token, len(before))
+        spans.append((len(before), end_of_turn + len(tokenizer.eos_token) if end_of_turn >= 0 else len(through)))
+    return spans
+
+
+def ppl_example(tokenizer, record: dict, max_seq_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and aligned labels (-100 = not scored), cut to `max_seq_len`. Text is scored whole as
+    pretraining sees it, `<bos> text <eos>`; a conversation only on the assistant's tokens."""
+    if "text" in record:
+        ids = tokenizer(str(record["text"]), add_special_tokens=False).input_ids
+        ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids + [tokenizer.eos_token_id]
+        ids = ids[:max_seq_len]
+        return ids, list(ids)
+    conversation = record["conversations"]
+    text = render_prompt(tokenizer, conversation, add_generation_prompt=False)
+    spans = assistant_spans(tokenizer, conversation, text)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoding.input_ids[:max_seq_len]
+    labels = [token if any(start <= offset[0] < end for start, end in spans) else -100
+              for token, offset in zip(ids, encoding.offset_mapping)]
+    return ids, labels
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, records: list[dict], batch_size: int, max_seq_len: int) -> dict:
+    """exp of the mean next-token negative log-likelihood over every scored token of the file."""
+    examples = [ppl_example(tokenizer, record, max_seq_len) for record in records]
+    nll_sum, tokens = 0.0, 0
+    for start in tqdm(range(0, len(examples), batch_size), desc="perplexity", unit="batch", file=sys.stderr):
+        batch = examples[start:start + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (ids, row_labels) in enumerate(batch):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            labels[row, :len(ids)] = torch.tensor(row_labels)
+            attention_mask[row, :len(ids)] = 1
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
+        targets = labels[:, 1:].to(model.device)  # the token at position t is predicted at t - 1
+        nll_sum += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                         ignore_index=-100, reduction="sum"))
+        tokens += int((targets != -100).sum())
+    mean_nll = nll_sum / max(tokens, 1)
+    return {"documents": len(records), "tokens": tokens, "nll": mean_nll, "ppl": math.exp(mean_nll)}
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        model, tokenizer = load_from_args(args)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    print(f"loaded {args.load_from if args.load_from != 'model' else f'{args.save_dir}/{args.weight}'}: {describe(model)}",
+          file=sys.stderr)
+
+    if args.eval_file or args.ppl_file:
+        results, details = {"load_from": args.load_from, "weight": args.weight}, []
+        try:
+            if args.eval_file:
+                summary, details = evaluate_accuracy(args, model, tokenizer, Path(args.eval_file))
+                print_table(summary)
+                results.update(summary)
+            if args.ppl_file:
+                path = Path(args.ppl_file)
+                records = read_jsonl(path, args.max_samples, required=("text", "conversations"))
+                ppl = perplexity(model, tokenizer, records, args.batch_size, args.max_seq_len)
+                print(f"perplexity {ppl['ppl']:.3f} (mean NLL {ppl['nll']:.4f} over {ppl['tokens']:,} tokens "
+                      f"of {ppl['documents']} documents)")
+                results.update({"ppl_file": str(path), **ppl})
+        except (OSError, ValueError) as error:
+            sys.exit(f"error: {error}")
+        if args.eval_out:
+            Path(args.eval_out).write_text(json.dumps({**results, "predictions": details}, ensure_ascii=False, indent=1),
+                                           encoding="utf-8")
+        print(json.dumps(results, ensure_ascii=False))
+        return
+
+    questions = CANNED_PROMPTS if args.mode == "auto" else typed_questions()
+    try:
+        chat(args, model, tokenizer, questions, echo=args.mode == "auto")
+    except KeyboardInterrupt:
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,425 @@
+"""Load a chat model with its tokenizer, and chat with it: the one loader that `eval_llm.py`, the
+OpenAI-compatible server and the web demo share, so all three accept the same `--load_from`:
+
+* `model` (the original MiniMind's meaning): native weights `<save_dir>/<weight>_<hidden>[_moe].pth`;
+* a `.pth` file: a MiniMind state dict, its config read from the `<stem>.json` sidecar our trainers
+  write beside it, else built from `--preset` / the size flags (the original's released `.pth` files
+  come without one);
+* an HF directory whose `config.json` says `"model_type": "minimind"` (ours from `save_pretrained`,
+  or a released MiniMind2 / minimind-3 one): loaded with our own `MiniMindForCausalLM`;
+* any other transformers causal-LM directory with a chat template (e.g. Qwen2.5-0.5B-Instruct):
+  loaded with `AutoModelForCausalLM`.
+
+Weights load strictly: a missing, unexpected or misshapen tensor is an error naming the file, never a
+silently random layer. Default paths (`out/`, `model/`) are relative to the repo root, paths a user
+passes are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer)
+
+from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NATIVE = "model"  # `--load_from model`: read <save_dir>/<weight>_<hidden>[_moe].pth
+DEFAULT_SAVE_DIR = "out"
+BUNDLED_TOKENIZER = REPO_ROOT / "model"
+
+Message = dict  # {"role": ..., "content": ..., optional "reasoning_content", "tool_calls"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths, device, dtype
+# ---------------------------------------------------------------------------------------------
+
+def resolve_path(path: str | Path, default: str | None = None) -> Path:
+    """A flag's default (`out`) is relative to the repo root, so scripts work from any directory;
+    anything else the user typed is relative to where they are."""
+    if default is not None and str(path) == default:
+        return REPO_ROOT / default
+    return Path(path).expanduser().resolve()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda > mps > cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` for inference: bf16 on CUDA (fp16 where it has no bf16), fp16 on MPS, fp32 on CPU,
+    where half-precision decoding gains little and rounds the logits."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Native weights: <name>_<hidden>[_moe].pth + <same stem>.json
+# ---------------------------------------------------------------------------------------------
+
+def size_config(hidden_size: int = 512, num_hidden_layers: int = 8, use_moe: bool = False,
+                preset: str | None = None) -> MiniMindConfig:
+    """The config the size flags describe; a preset overrides them."""
+    if preset:
+        return MiniMindConfig(**PRESETS[preset])
+    return MiniMindConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, use_moe=bool(use_moe))
+
+
+def weight_file_name(weight: str, config: MiniMindConfig) -> str:
+    """MiniMind's file naming: full_sft_512.pth, pretrain_640_moe.pth, ..."""
+    return f"{weight}_{config.hidden_size}{'_moe' if config.use_moe else ''}.pth"
+
+
+def read_pth(path: Path) -> tuple[dict[str, torch.Tensor], MiniMindConfig | None]:
+    """A `.pth` state dict and the config of its `<stem>.json` sidecar (None when it has none)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    sidecar = path.with_suffix(".json")
+    config = MiniMindConfig.from_json_file(str(sidecar)) if sidecar.exists() else None
+    return state, config
+
+
+def load_pth(path: Path, fallback_config: MiniMindConfig, inference_rope_scaling: bool = False) -> MiniMindForCausalLM:
+    state, config = read_pth(path)
+    config_source = f"its sidecar {path.with_suffix('.json').name}" if config else "--preset / the size flags (no sidecar)"
+    config = config or fallback_config
+    if inference_rope_scaling:
+        config.inference_rope_scaling = True
+    model = MiniMindForCausalLM(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first_problems = str(error).split("\n\t")[1:3]
+        raise ValueError(f"{path} does not fit the model described by {config_source} "
+                         f"(hidden {config.hidden_size}, {config.num_hidden_layers} layers, moe={config.use_moe}): "
+                         f"{' '.join(first_problems)} — pass the right --preset or --hidden_size/--num_hidden_layers/--use_moe"
+                         ) from None
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# HF directories
+# ---------------------------------------------------------------------------------------------
+
+def load_hf_directory(directory: Path, dtype: torch.dtype, inference_rope_scaling: bool = False) -> PreTrainedModel:
+    """Ours and released MiniMind directories with our class; anything else with AutoModelForCausalLM."""
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: {directory} is not a transformers model directory")
+    if json.loads(config_file.read_text(encoding="utf-8")).get("model_type") == MiniMindConfig.model_type:
+        extra = {"inference_rope_scaling": True} if inference_rope_scaling else {}
+        model, info = MiniMindForCausalLM.from_pretrained(str(directory), dtype=dtype, output_loading_info=True, **extra)
+    else:
+        model, info = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, output_loading_info=True)
+    problems = {key: sorted(info[key])[:3] for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
+    if problems:
+        raise ValueError(f"weights in {directory} do not fit its config.json: {problems}")
+    return model
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer_config.json").exists() or (directory / "tokenizer.json").exists()
+
+
+def load_tokenizer(tokenizer_path: str | Path | None = None, model_directory: Path | None = None) -> PreTrainedTokenizerBase:
+    """`tokenizer_path` if given; else the model directory's own tokenizer; else the bundled one."""
+    if tokenizer_path is not None:
+        path = resolve_path(tokenizer_path, default=NATIVE)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--tokenizer_path {tokenizer_path}: {path} is not a directory")
+    elif model_directory is not None and has_tokenizer(model_directory):
+        path = model_directory
+    else:
+        path = BUNDLED_TOKENIZER
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:  # many instruct models ship without one; batching needs it
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+# ---------------------------------------------------------------------------------------------
+
+def locate(load_from: str, weight: str, save_dir: str | Path, size: MiniMindConfig) -> Path:
+    """The file or directory `--load_from` names, or a FileNotFoundError saying what was looked for."""
+    if load_from == NATIVE:
+        directory = resolve_path(save_dir, DEFAULT_SAVE_DIR)
+        path = directory / weight_file_name(weight, size)
+        if not path.exists():
+            found = sorted(p.name for p in directory.glob("*.pth")) if directory.is_dir() else []
+            raise FileNotFoundError(
+                f"{path} not found (--load_from model reads <save_dir>/<weight>_<hidden>[_moe].pth; "
+                f"--weight {weight}, hidden {size.hidden_size}{', moe' if size.use_moe else ''}). "
+                + (f"In {directory}: {', '.join(found)}." if found else
+                   "Train one first (python trainer/train_pretrain.py, then trainer/train_full_sft.py), "
+                   "or point --load_from at a .pth file or an HF directory."))
+        return path
+    path = resolve_path(load_from)
+    if not path.exists():
+        raise FileNotFoundError(f"--load_from {load_from}: {path} not found (expected 'model', a .pth file or an HF directory)")
+    if path.is_file() and path.suffix != ".pth":
+        raise ValueError(f"--load_from {load_from}: {path} is neither a .pth file nor a directory")
+    return path
+
+
+def load_model_and_tokenizer(load_from: str = NATIVE, *, weight: str = "full_sft", save_dir: str | Path = DEFAULT_SAVE_DIR,
+                             hidden_size: int = 512, num_hidden_layers: int = 8, use_moe: bool = False,
+                             preset: str | None = None, inference_rope_scaling: bool = False,
+                             tokenizer_path: str | Path | None = None, device: str = "auto",
+                             dtype: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model in eval mode on its device and dtype, and its tokenizer (see the module docstring for
+    what `load_from` may name). The size arguments only matter for a `.pth` without sidecar and for
+    the file name under `--load_from model`."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    size = size_config(hidden_size, num_hidden_layers, use_moe, preset)
+    source = locate(load_from, weight, save_dir, size)
+    if source.is_dir():
+        model = load_hf_directory(source, torch_dtype, inference_rope_scaling)
+        tokenizer = load_tokenizer(tokenizer_path, source)
+    else:
+        model = load_pth(source, size, inference_rope_scaling)
+        tokenizer = load_tokenizer(tokenizer_path)
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab} embeddings: "
+                         f"pass the model's own tokenizer with --tokenizer_path")
+    return model.to(torch_device, torch_dtype).eval(), tokenizer
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose a model, shared by every script that chats with one."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--load_from", default=NATIVE,
+                       help="'model' = native weights <save_dir>/<weight>_<hidden>[_moe].pth; or a .pth path; "
+                            "or an HF directory (ours, a released MiniMind one, or any transformers chat model)")
+    group.add_argument("--weight", default="full_sft", help="weight name under --load_from model (pretrain, full_sft, dpo, reason, grpo, ...)")
+    group.add_argument("--save_dir", default=DEFAULT_SAVE_DIR, help="where --load_from model looks (default: <repo>/out)")
+    group.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a named size; overrides the size flags")
+    group.add_argument("--hidden_size", type=int, default=512, help="size of a .pth without .json sidecar, and its file name")
+    group.add_argument("--num_hidden_layers", type=int, default=8)
+    group.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
+    group.add_argument("--inference_rope_scaling", action="store_true", help="YaRN: 16x longer context than trained (MiniMind models)")
+    group.add_argument("--tokenizer_path", default=None, help="HF tokenizer directory (default: the model directory's own, else <repo>/model)")
+    group.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto = bf16 on CUDA, fp16 on MPS, fp32 on CPU")
+    group.add_argument("--system_prompt", default=None, help="persona as a system message (default: the chat template's own)")
+
+
+def load_from_args(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return load_model_and_tokenizer(
+        args.load_from, weight=args.weight, save_dir=args.save_dir, hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe), preset=args.preset,
+        inference_rope_scaling=args.inference_rope_scaling, tokenizer_path=args.tokenizer_path,
+        device=args.device, dtype=args.dtype)
+
+
+def describe(model: PreTrainedModel) -> str:
+    parameters = sum(p.numel() for p in model.parameters())
+    return (f"{type(model).__name__}, {parameters / 1e6:.2f}M parameters, "
+            f"{str(model.dtype).removeprefix('torch.')} on {model.device}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts: rendering, and fitting a conversation into the context
+# ---------------------------------------------------------------------------------------------
+
+def start_messages(system_prompt: str | None) -> list[Message]:
+    """A new conversation: the persona as a system message, or nothing (the template's default)."""
+    return [{"role": "system", "content": system_prompt}] if system_prompt else []
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], *, enable_thinking: bool | None = None,
+                  tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
+    """The chat template's text. `enable_thinking=None` leaves the template's default (MiniMind: the
+    model decides whether to think); False asks for an empty think block, as MiniMind's does."""
+    if not tokenizer.chat_template:
+        raise ValueError(f"the tokenizer of {tokenizer.name_or_path} has no chat template: "
+                         f"pass one that has with --tokenizer_path")
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **extra)
+
+
+def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def context_length(model: PreTrainedModel) -> int:
+    return int(getattr(model.config, "max_position_embeddings", None) or 2048)
+
+
+class PromptTooLong(ValueError):
+    """Even the system message and the latest user turn alone exceed the prompt budget."""
+
+    def __init__(self, tokens: int, limit: int):
+        super().__init__(f"the prompt needs {tokens} tokens even without history, more than the {limit} allowed")
+        self.tokens, self.limit = tokens, limit
+
+
+def split_turns(messages: list[Message]) -> tuple[list[Message], list[list[Message]]]:
+    """A leading system message, and turns: each user message with every assistant/tool message
+    that answers it."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns: list[list[Message]] = []
+    for message in messages[len(system):]:
+        if message["role"] == "user" or not turns:
+            turns.append([message])
+        else:
+            turns[-1].append(message)
+    return system, turns
+
+
+def fit_history(tokenizer: PreTrainedTokenizerBase, messages: list[Message], max_prompt_tokens: int,
+                keep_turns: int | None = None, *, enable_thinking: bool | None = None,
+                tools: list[dict] | None = None) -> list[Message]:
+    """The messages to send: the system message, at most `keep_turns` past turns (None = all), and
+    the latest turn, dropping the oldest turns until the rendered prompt fits `max_prompt_tokens`.
+    Whole turns go, never part of one; raises PromptTooLong when the latest turn alone is too long."""
+    system, turns = split_turns(messages)
+    if not turns:
+        return list(messages)
+    history, latest = turns[:-1], turns[-1]
+    if keep_turns is not None:
+        history = history[max(0, len(history) - keep_turns):]
+    while True:
+        kept = system + [message for turn in history for message in turn] + latest
+        tokens = count_tokens(tokenizer, render_prompt(tokenizer, kept, enable_thinking=enable_thinking, tools=tools))
+        if tokens <= max_prompt_tokens:
+            return kept
+        if not history:
+            raise PromptTooLong(tokens, max_prompt_tokens)
+        history = history[1:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """End-of-turn ids: the model's generation config's (some list several) and the tokenizer's eos."""
+    configured = model.generation_config.eos_token_id
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int,
+                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                      repetition_penalty: float = 1.0) -> GenerationConfig:
+    """All sampling settings stated here, none inherited from a model's generation_config.json.
+    temperature 0 = greedy; top_k 0 = no top-k cut."""
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 \
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                            eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                            **sampling)
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Lets the reader of a stream stop the generation running in another thread."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class ChatStream:
+    """One reply, as text pieces while the model writes it (iterate once). Afterwards:
+    `prompt_tokens`, `completion_ids` and `completion_tokens` (generated tokens, not counting the
+    end-of-turn token) and `finish_reason`: "stop" (end of turn), "length" (max_new_tokens reached)
+    or "cancelled". To stop early (a client gone), `close()` it or iterate inside `with`."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
+                 config: GenerationConfig, seed: int | None):
+        self.model, self.tokenizer, self.input_ids, self.config, self.seed = model, tokenizer, input_ids, config, seed
+        self.prompt_tokens = input_ids.shape[1]
+        self.completion_ids: list[int] = []
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._cancel = threading.Event()
+        self._error: BaseException | None = None
+        self._pieces = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def close(self) -> None:
+        """Stop generating (if still running) and wait for the generation thread to finish."""
+        self._pieces.close()
+
+    def __enter__(self) -> "ChatStream":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _run(self) -> Iterator[str]:
+        # Generation runs in a thread and hands decoded text over a queue, so the caller can print
+        # (or send) each piece while the next token is computed.
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        worker = threading.Thread(target=self._generate, args=(streamer,), daemon=True)
+        worker.start()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:
+            self._cancel.set()
+            worker.join()
+        if self._error is not None:
+            raise self._error
+
+    def _generate(self, streamer: TextIteratorStreamer) -> None:
+        try:
+            output = self.model.generate(
+                self.input_ids, attention_mask=torch.ones_like(self.input_ids), generation_config=self.config,
+                streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenSet(self._cancel)]))
+        except BaseException as error:  # handed to the reader, who would otherwise wait forever
+            self._error = error
+            streamer.end()
+            return
+        generated = output[0, self.prompt_tokens:].tolist()
+        stops = set(self.config.eos_token_id)
+        ended = bool(generated) and generated[-1] in stops
+        self.completion_ids = generated[:-1] if ended else generated
+        self.completion_tokens = len(self.completion_ids)
+        self.finish_reason = "stop" if ended else "length" if len(generated) >= self.config.max_new_tokens else "cancelled"
+
+
+def chat_stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messages: list[Message], *,
+                max_new_tokens: int = 512, temperature: float = 0.85, top_p: float = 0.85, top_k: int = 0,
+                repetition_penalty: float = 1.0, enable_thinking: bool | None = None,
+                tools: list[dict] | None = None, seed: int | None = None) -> ChatStream:
+    """Answer the conversation `messages` (already fitted to the context, see `fit_history`),
+    streaming text pieces. temperature 0 = greedy; `seed` makes sampling repeatable."""
+    prompt = render_prompt(tokenizer, messages, enable_thinking=enable_thinking, tools=tools)
+    input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+    config = generation_config(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+    return ChatStream(model, tokenizer, input_ids, config, seed)
