@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dataset.lm_dataset import JsonlFile, PretrainDataset, SFTDataset, check_prompt, pad_rows
 from dataset.tasks import is_correct
 from model.loader import (PromptTooLong, add_model_args, chat_stream, context_length, describe, fit_history,
                           generation_config, load_from_args, render_prompt, start_messages)
@@ -133,29 +134,22 @@ def chat(args: argparse.Namespace, model, tokenizer, questions: Iterable[str], e
 # Evaluation data
 # ---------------------------------------------------------------------------------------------
 
-def read_jsonl(path: Path, max_samples: int, required: tuple[str, ...]) -> list[dict]:
-    """The records of a jsonl file (the first `max_samples` if > 0); a bad line stops with `path:line: why`."""
+def read_questions(path: Path, max_samples: int) -> list[dict]:
+    """`{"conversations", "answer", "task"?}` records (the first `max_samples` if > 0); a bad line
+    stops the run with `path:line: why`."""
+    file = JsonlFile(path, validate=check_prompt)
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not any(key in record for key in required):
-                raise ValueError(f"{path}:{line_number}: expected an object with {' or '.join(map(repr, required))}")
-            records.append(record)
-            if max_samples and len(records) >= max_samples:
-                break
+    for i in range(min(len(file), max_samples) if max_samples else len(file)):
+        records.append(file[i])
+        if "answer" not in records[-1]:
+            raise file.error(i, "missing field 'answer' (the reference to score against)")
     return records
 
 
 def question_messages(record: dict, system_prompt: str | None) -> list[dict]:
     """The conversation to answer: a trailing reference answer, if the record carries one, is left out."""
     conversation = list(record["conversations"])
-    if conversation and conversation[-1]["role"] == "assistant":
+    if conversation[-1]["role"] == "assistant":
         conversation.pop()
     return start_messages(system_prompt) + conversation
 
@@ -196,14 +190,11 @@ def score(records: list[dict], predictions: list[str]) -> dict:
 
 
 def evaluate_accuracy(args: argparse.Namespace, model, tokenizer, path: Path) -> tuple[dict, list[dict]]:
-    records = read_jsonl(path, args.max_samples, required=("conversations",))
-    for line, record in enumerate(records, 1):
-        if "answer" not in record:
-            raise ValueError(f"{path}: record {line} has no 'answer' to check against")
+    records = read_questions(path, args.max_samples)
     prompts = [render_prompt(tokenizer, question_messages(record, args.system_prompt), enable_thinking=enable_thinking(args))
                for record in records]
     predictions = greedy_answers(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)
-    details = [{"question": record["conversations"][-1]["content"], "answer": record["answer"], "prediction": prediction,
+    details = [{"question": question_messages(record, None)[-1]["content"], "answer": record["answer"], "prediction": prediction,
                 "correct": is_correct(prediction, str(record["answer"])), "task": record.get("task")}
                for record, prediction in zip(records, predictions)]
     return {"eval_file": str(path), **score(records, predictions)}, details
@@ -222,64 +213,30 @@ def print_table(summary: dict) -> None:
 # Perplexity
 # ---------------------------------------------------------------------------------------------
 
-def assistant_spans(tokenizer, conversation: list[dict], text: str) -> list[tuple[int, int]]:
-    """Character ranges of `text` (the rendered conversation) written by the assistant: each reply
-    and its closing end-of-turn token, as SFT trains on. Found by rendering each prefix of the
-    conversation, which needs a template that renders earlier turns unchanged."""
-    spans = []
-    for i, message in enumerate(conversation):
-        if message["role"] != "assistant":
-            continue
-        before = render_prompt(tokenizer, conversation[:i], add_generation_prompt=True)
-        through = render_prompt(tokenizer, conversation[:i + 1], add_generation_prompt=False)
-        if not (text.startswith(before) and text.startswith(through)):
-            raise ValueError("the chat template renders earlier turns differently as the conversation grows; "
-                             "perplexity on conversations needs one that does not")
-        end_of_turn = through.rfind(tokenizer.eos_token, len(before))
-        spans.append((len(before), end_of_turn + len(tokenizer.eos_token) if end_of_turn >= 0 else len(through)))
-    return spans
-
-
-def ppl_example(tokenizer, record: dict, max_seq_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and aligned labels (-100 = not scored), cut to `max_seq_len`. Text is scored whole as
-    pretraining sees it, `<bos> text <eos>`; a conversation only on the assistant's tokens."""
-    if "text" in record:
-        ids = tokenizer(str(record["text"]), add_special_tokens=False).input_ids
-        ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids + [tokenizer.eos_token_id]
-        ids = ids[:max_seq_len]
-        return ids, list(ids)
-    conversation = record["conversations"]
-    text = render_prompt(tokenizer, conversation, add_generation_prompt=False)
-    spans = assistant_spans(tokenizer, conversation, text)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoding.input_ids[:max_seq_len]
-    labels = [token if any(start <= offset[0] < end for start, end in spans) else -100
-              for token, offset in zip(ids, encoding.offset_mapping)]
-    return ids, labels
+def scored_dataset(path: Path, tokenizer, max_seq_len: int) -> PretrainDataset | SFTDataset:
+    """The file as training reads it: `{"text"}` lines are scored on every token (`<bos> text <eos>`),
+    `{"conversations"}` lines only on the assistant's replies, as SFT learns them."""
+    first = JsonlFile(path)[0]
+    dataset_class = PretrainDataset if isinstance(first, dict) and "text" in first else SFTDataset
+    return dataset_class(path, tokenizer, max_length=max_seq_len)
 
 
 @torch.inference_mode()
-def perplexity(model, tokenizer, records: list[dict], batch_size: int, max_seq_len: int) -> dict:
+def perplexity(model, dataset, batch_size: int, max_samples: int = 0) -> dict:
     """exp of the mean next-token negative log-likelihood over every scored token of the file."""
-    examples = [ppl_example(tokenizer, record, max_seq_len) for record in records]
+    count = min(len(dataset), max_samples) if max_samples else len(dataset)
     nll_sum, tokens = 0.0, 0
-    for start in tqdm(range(0, len(examples), batch_size), desc="perplexity", unit="batch", file=sys.stderr):
-        batch = examples[start:start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, row_labels) in enumerate(batch):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            labels[row, :len(ids)] = torch.tensor(row_labels)
-            attention_mask[row, :len(ids)] = 1
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
-        targets = labels[:, 1:].to(model.device)  # the token at position t is predicted at t - 1
+    for start in tqdm(range(0, count, batch_size), desc="perplexity", unit="batch", file=sys.stderr):
+        items = [dataset[i] for i in range(start, min(start + batch_size, count))]
+        batch = pad_rows(items, max(len(item["input_ids"]) for item in items), dataset.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(model.device),
+                       attention_mask=batch["attention_mask"].to(model.device)).logits
+        targets = batch["labels"][:, 1:].to(model.device)  # the token at position t is predicted at t - 1
         nll_sum += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                          ignore_index=-100, reduction="sum"))
         tokens += int((targets != -100).sum())
     mean_nll = nll_sum / max(tokens, 1)
-    return {"documents": len(records), "tokens": tokens, "nll": mean_nll, "ppl": math.exp(mean_nll)}
+    return {"documents": count, "tokens": tokens, "nll": mean_nll, "ppl": math.exp(mean_nll)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,8 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = load_from_args(args)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
-    print(f"loaded {args.load_from if args.load_from != 'model' else f'{args.save_dir}/{args.weight}'}: {describe(model)}",
-          file=sys.stderr)
+    print(f"loaded {describe(model)}", file=sys.stderr)
 
     if args.eval_file or args.ppl_file:
         results, details = {"load_from": args.load_from, "weight": args.weight}, []
@@ -302,8 +258,8 @@ def main(argv: list[str] | None = None) -> None:
                 results.update(summary)
             if args.ppl_file:
                 path = Path(args.ppl_file)
-                records = read_jsonl(path, args.max_samples, required=("text", "conversations"))
-                ppl = perplexity(model, tokenizer, records, args.batch_size, args.max_seq_len)
+                dataset = scored_dataset(path, tokenizer, args.max_seq_len)
+                ppl = perplexity(model, dataset, args.batch_size, args.max_samples)
                 print(f"perplexity {ppl['ppl']:.3f} (mean NLL {ppl['nll']:.4f} over {ppl['tokens']:,} tokens "
                       f"of {ppl['documents']} documents)")
                 results.update({"ppl_file": str(path), **ppl})

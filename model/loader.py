@@ -112,6 +112,7 @@ def load_pth(path: Path, fallback_config: MiniMindConfig, inference_rope_scaling
                          f"(hidden {config.hidden_size}, {config.num_hidden_layers} layers, moe={config.use_moe}): "
                          f"{' '.join(first_problems)} — pass the right --preset or --hidden_size/--num_hidden_layers/--use_moe"
                          ) from None
+    model.name_or_path = str(path)
     return model
 
 
@@ -235,8 +236,9 @@ def load_from_args(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTraine
 
 
 def describe(model: PreTrainedModel) -> str:
+    """One line for a log: where the model came from, what it is, where it runs."""
     parameters = sum(p.numel() for p in model.parameters())
-    return (f"{type(model).__name__}, {parameters / 1e6:.2f}M parameters, "
+    return (f"{model.name_or_path}: {type(model).__name__}, {parameters / 1e6:.2f}M parameters, "
             f"{str(model.dtype).removeprefix('torch.')} on {model.device}")
 
 

@@ -280,19 +280,25 @@ def summed_nll(model, ids: list[int], scored: list[int]) -> float:
     return -sum(float(log_probs[t - 1, ids[t]]) for t in scored)
 
 
-def test_perplexity_of_text_by_hand(tiny_model, tokenizer):
+def jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def test_perplexity_of_text_by_hand(tiny_model, tokenizer, tmp_path):
     texts = ["Did I ever live?", "当时是同事极力推荐这本书。", "short", "A somewhat longer sentence, with punctuation; and more."]
     nll, count = 0.0, 0
     for text in texts:
         ids = [1] + tokenizer(text, add_special_tokens=False).input_ids + [2]
         nll += summed_nll(tiny_model, ids, range(1, len(ids)))
         count += len(ids) - 1
-    result = eval_llm.perplexity(tiny_model, tokenizer, [{"text": t} for t in texts], batch_size=3, max_seq_len=512)
+    dataset = eval_llm.scored_dataset(jsonl(tmp_path / "text.jsonl", [{"text": t} for t in texts]), tokenizer, 512)
+    result = eval_llm.perplexity(tiny_model, dataset, batch_size=3)
     assert result["tokens"] == count
     assert result["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
 
 
-def test_perplexity_of_conversations_counts_assistant_tokens_only(tiny_model, tokenizer):
+def test_perplexity_of_conversations_counts_assistant_tokens_only(tiny_model, tokenizer, tmp_path):
     conversation = [{"role": "user", "content": "3 加 2 等于多少？"}, {"role": "assistant", "content": "5"},
                     {"role": "user", "content": "What is 7 times 5?"}, {"role": "assistant", "content": "35"}]
     ids = tokenizer(render_prompt(tokenizer, conversation, add_generation_prompt=False), add_special_tokens=False).input_ids
@@ -303,6 +309,7 @@ def test_perplexity_of_conversations_counts_assistant_tokens_only(tiny_model, to
         scored += range(start, end + 1)
     assert [tokenizer.decode([ids[t]]) for t in scored].count("<|im_end|>") == 2
     nll = summed_nll(tiny_model, ids, scored)
-    result = eval_llm.perplexity(tiny_model, tokenizer, [{"conversations": conversation}], batch_size=1, max_seq_len=512)
+    dataset = eval_llm.scored_dataset(jsonl(tmp_path / "chat.jsonl", [{"conversations": conversation}]), tokenizer, 512)
+    result = eval_llm.perplexity(tiny_model, dataset, batch_size=1)
     assert result["tokens"] == len(scored)
     assert result["ppl"] == pytest.approx(math.exp(nll / len(scored)), rel=1e-4)
