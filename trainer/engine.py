@@ -31,19 +31,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from model import loader
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def repo_path(path: str | Path) -> Path:
-    """Default paths (out/, checkpoints/, dataset/, model/) are relative to the repo root, so scripts
-    work from any directory; a path the user passes is relative to where they are."""
-    return Path(path) if Path(path).is_absolute() else REPO_ROOT / path
-
-
-def user_path(path: str | Path) -> Path:
-    return Path(path).expanduser().resolve()
+REPO_ROOT = loader.REPO_ROOT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,14 +95,12 @@ def add_packing_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def model_config(args: argparse.Namespace) -> MiniMindConfig:
-    if args.preset:
-        return MiniMindConfig(**PRESETS[args.preset])
-    return MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe))
+    return loader.size_config(args.hidden_size, args.num_hidden_layers, bool(args.use_moe), args.preset)
 
 
 def weight_stem(config: MiniMindConfig, name: str) -> str:
-    """MiniMind's file naming: pretrain_512.pth, full_sft_640_moe.pth, ..."""
-    return f"{name}_{config.hidden_size}{'_moe' if config.use_moe else ''}"
+    """MiniMind's file naming without the suffix: pretrain_512, full_sft_640_moe, ..."""
+    return loader.weight_file_name(name, config).removesuffix(".pth")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,16 +138,6 @@ class Runtime:
         if self.distributed:
             dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
         return tensor
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def cpu_bf16_is_faster() -> bool:
@@ -199,7 +178,9 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
     """Device and dtype choice, and the process group when launched by `torchrun` (NCCL on CUDA, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(args.device, local_rank)
+    device = loader.resolve_device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)  # one GPU per process under torchrun
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -222,14 +203,14 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
 def resolve_data_path(args: argparse.Namespace, default_file: str, demo_file: str) -> Path:
     """`--data_path` if given; else MiniMind's file in dataset/; else the shipped demo data, saying so first."""
     if args.data_path:
-        path = user_path(args.data_path)
+        path = loader.resolve_path(args.data_path)
         if not path.exists():
             sys.exit(f"error: --data_path {path} does not exist")
         return path
-    real = repo_path(Path("dataset") / default_file)
+    real = REPO_ROOT / "dataset" / default_file
     if real.exists():
         return real
-    demo = repo_path(Path("dataset/demo") / demo_file)
+    demo = REPO_ROOT / "dataset" / "demo" / demo_file
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[demo data] dataset/{default_file} not found: training on the shipped demo file {demo.relative_to(REPO_ROOT)}", flush=True)
     return demo
@@ -245,23 +226,15 @@ def lm_batches(args: argparse.Namespace, runtime: Runtime, dataset) -> "PackedBa
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    directory = repo_path(path) if path == "model" else user_path(path)
-    return AutoTokenizer.from_pretrained(str(directory))
-
-
-def weights_file(args: argparse.Namespace, config: MiniMindConfig, name: str) -> Path:
-    return repo_path(args.save_dir) / f"{weight_stem(config, name)}.pth" if args.save_dir == "out" \
-        else user_path(args.save_dir) / f"{weight_stem(config, name)}.pth"
+    return loader.load_tokenizer(path)
 
 
 def save_dir(args: argparse.Namespace) -> Path:
-    return repo_path(args.save_dir) if args.save_dir == "out" else user_path(args.save_dir)
+    return loader.resolve_path(args.save_dir, default="out")
 
 
 def checkpoint_dir(args: argparse.Namespace) -> Path:
-    return repo_path(args.checkpoint_dir) if args.checkpoint_dir == "checkpoints" else user_path(args.checkpoint_dir)
+    return loader.resolve_path(args.checkpoint_dir, default="checkpoints")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -288,41 +261,26 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     atomic_save(model.config.to_json_string(), path.with_suffix(".json"))
 
 
-def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], MiniMindConfig | None]:
-    """A `.pth` state dict and its sidecar config (None when the file came without one)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    sidecar = path.with_suffix(".json")
-    config = MiniMindConfig.from_json_file(str(sidecar)) if sidecar.exists() else None
-    return state, config
-
-
-def locate_weights(args: argparse.Namespace, name: str, config: MiniMindConfig) -> Path:
-    """`--from_weight` as a name in --save_dir, a .pth path, or an HF directory."""
-    as_path = user_path(name)
-    if as_path.exists():
-        return as_path
-    path = weights_file(args, config, name)
-    if not path.exists():
-        sys.exit(f"error: --from_weight {name}: neither a path nor {path}")
-    return path
+read_weights = loader.read_pth
 
 
 def load_model(args: argparse.Namespace, runtime: Runtime, name: str | None = None,
-               config: MiniMindConfig | None = None) -> MiniMindForCausalLM:
-    """Random init (`--from_weight none`), or weights by name / .pth / HF directory, loaded strictly."""
+               config: MiniMindConfig | None = None) -> torch.nn.Module:
+    """Random init (`--from_weight none`), or weights by name in --save_dir, a .pth path or an HF
+    directory, loaded strictly and in fp32 (the optimizer's master copy)."""
     name = args.from_weight if name is None else name
     config = config or model_config(args)
     if name == "none":
         model = MiniMindForCausalLM(config)
     else:
-        path = locate_weights(args, name, config)
-        if path.is_dir():
-            model = MiniMindForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        else:
-            state, saved_config = read_weights(path)
-            model = MiniMindForCausalLM(saved_config or config)
-            model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-        runtime.print(f"loaded {path}")
+        try:
+            is_path = Path(name).suffix == ".pth" or loader.resolve_path(name).is_dir()
+            source = loader.locate(name if is_path else loader.NATIVE, name, args.save_dir, config)
+            model = loader.load_hf_directory(source, torch.float32) if source.is_dir() else loader.load_pth(source, config)
+        except (FileNotFoundError, ValueError) as error:
+            sys.exit(f"error: --from_weight {name}: {error}")
+        model = model.float()
+        runtime.print(f"loaded {source}")
     n_params = sum(p.numel() for p in model.parameters())
     runtime.print(f"model: {n_params / 1e6:.3f}M parameters, hidden {model.config.hidden_size}, "
                   f"{model.config.num_hidden_layers} layers{', MoE' if model.config.use_moe else ''}")
