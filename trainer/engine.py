@@ -633,3 +633,14 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict) -> LossOutput:
     loss_sum = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                                                  ignore_index=-100, reduction="sum")
     return LossOutput(loss_sum=loss_sum, count=int((labels != -100).sum()), aux_loss=out.aux_loss)
+
+
+def train_language_model(args: argparse.Namespace, dataset_class: type, data_file: str, demo_file: str,
+                         loss_fn: Callable[[torch.nn.Module, dict], LossOutput] = causal_lm_loss) -> None:
+    """The recipe of every next-token stage (pretraining, SFT, reasoning): data -> model -> fit."""
+    data_path = resolve_data_path(args, data_file, demo_file)
+    runtime = setup_runtime(args)
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    model = load_model(args, runtime)
+    dataset = dataset_class(str(data_path), tokenizer, max_length=args.max_seq_len)
+    Trainer(args, runtime, model).fit(lm_batches(args, runtime, dataset), loss_fn)

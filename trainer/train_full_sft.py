@@ -2,8 +2,9 @@
 
     python trainer/train_full_sft.py      # from out/pretrain_512.pth on dataset/sft_mini_512.jsonl (or the demo data)
 
-Conversations are rendered with the chat template; only the assistant replies (and their closing
-<|im_end|>) carry loss, so the model learns to answer rather than to imitate its users. All weights train.
+Conversations are rendered with the chat template; the loss is the same next-token cross-entropy as
+pretraining, but only the assistant replies (and their closing <|im_end|>) carry labels
+(`SFTDataset`), so the model learns to answer rather than to imitate its users. All weights train.
 """
 
 from dataset.lm_dataset import SFTDataset
@@ -15,12 +16,7 @@ def main() -> None:
                                  batch_size=16, max_seq_len=340, data_file="sft_mini_512.jsonl", save_interval=100)
     engine.add_packing_flag(parser)
     args = parser.parse_args()
-    data_path = engine.resolve_data_path(args, "sft_mini_512.jsonl", "sft.jsonl")
-    runtime = engine.setup_runtime(args)
-    tokenizer = engine.load_tokenizer(args.tokenizer_path)
-    model = engine.load_model(args, runtime)
-    dataset = SFTDataset(str(data_path), tokenizer, max_length=args.max_seq_len)
-    engine.Trainer(args, runtime, model).fit(engine.lm_batches(args, runtime, dataset), engine.causal_lm_loss)
+    engine.train_language_model(args, SFTDataset, "sft_mini_512.jsonl", "sft.jsonl")
 
 
 if __name__ == "__main__":
