@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     chat = parser.add_argument_group("chat")
     chat.add_argument("--mode", default="auto", choices=["auto", "chat"],
                       help="auto = answer the canned questions; chat = read your questions from stdin (default: auto)")
+    chat.add_argument("--prompts", nargs="+", default=None, metavar="TEXT",
+                      help="with --mode auto: these questions instead of the canned ones")
     chat.add_argument("--historys", type=int, default=0,
                       help="past exchanges (question + answer) kept in the prompt; 0 = every question alone. "
                            "Older ones are dropped first, also when the prompt would not fit the context")
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(results, ensure_ascii=False))
         return
 
-    questions = CANNED_PROMPTS if args.mode == "auto" else typed_questions()
+    questions = (args.prompts or CANNED_PROMPTS) if args.mode == "auto" else typed_questions()
     try:
         chat(args, model, tokenizer, questions, echo=args.mode == "auto")
     except KeyboardInterrupt:
