@@ -1,0 +1,142 @@
+"""The Streamlit web demo (scripts/web_demo.py), driven by Streamlit's own AppTest: the page as a
+browser session would run it, with real tiny models and no mocks. Flags reach the page the way
+`streamlit run scripts/web_demo.py -- FLAGS` passes them, through sys.argv."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+from trainer.engine import save_weights
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WEB_DEMO = REPO_ROOT / "scripts" / "web_demo.py"
+QUICK = ["--max_new_tokens", "32"]  # short answers keep each test to about a second
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    """An out/ directory holding a random tiny MiniMind as the trainers save it (fp16 .pth + .json)."""
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("out")
+    save_weights(MiniMindForCausalLM(MiniMindConfig(**PRESETS["tiny"])), directory / "full_sft_64.pth")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    """A non-MiniMind transformers chat model: random tiny Qwen2 + the bundled tokenizer (and its chat
+    template), saved together in one directory."""
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    directory = tmp_path_factory.mktemp("qwen2")
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(REPO_ROOT / "model").save_pretrained(directory)
+    return directory
+
+
+def start_page(monkeypatch, *flags: str, messages: list[dict] | None = None) -> AppTest:
+    monkeypatch.setattr(sys, "argv", [str(WEB_DEMO), *flags])
+    page = AppTest.from_file(WEB_DEMO, default_timeout=60)
+    if messages is not None:
+        page.session_state["messages"] = messages
+    return page.run()
+
+
+def conversation(page: AppTest) -> list[tuple[str, str]]:
+    """(role, what is displayed) for every chat bubble, in order."""
+    return [(bubble.name, " | ".join(str(element.value) for element in bubble.text)) for bubble in page.chat_message]
+
+
+def seeded(page: AppTest) -> AppTest:
+    """Sampling draws from torch's global generator, so seeding it just before a rerun makes the
+    answer the same every run (a random tiny model's greedy answer is only newlines)."""
+    torch.manual_seed(0)
+    return page
+
+
+def ask(page: AppTest, question: str) -> AppTest:
+    return seeded(page).chat_input(key="prompt").set_value(question).run()
+
+
+def test_without_a_model_the_page_says_how_to_train_one(monkeypatch, tmp_path):
+    page = start_page(monkeypatch, "--save_dir", str(tmp_path))
+    assert not page.exception
+    guidance = " ".join(warning.value for warning in page.warning)
+    assert "python trainer/train_pretrain.py" in guidance and "python trainer/train_full_sft.py" in guidance
+    assert "HF directory" in guidance
+    assert page.chat_input(key="prompt").proto.disabled
+
+
+def test_a_chat_turn_with_a_trained_minimind(monkeypatch, tmp_path, weights_dir):
+    monkeypatch.chdir(tmp_path)  # started from anywhere, not the repo
+    page = start_page(monkeypatch, "--save_dir", str(weights_dir), *QUICK)
+    assert not page.exception and not page.warning
+    assert "full_sft_64.pth" in page.caption[0].value  # the model found in out/ is picked and loaded
+    ask(page, "你好，请介绍一下你自己。")
+    assert not page.exception
+    shown = conversation(page)
+    assert [role for role, _ in shown] == ["user", "assistant"]
+    assert shown[0][1] == "你好，请介绍一下你自己。"
+    answer = page.session_state["messages"][-1]
+    assert answer["role"] == "assistant" and answer["content"].strip()
+    assert shown[1][1] == answer["content"]  # the streamed answer is what the bubble shows, as text
+
+
+def test_regenerate_replaces_the_last_answer(monkeypatch, weights_dir):
+    messages = [{"role": "user", "content": "第一个问题"}, {"role": "assistant", "content": "第一个回答"},
+                {"role": "user", "content": "第二个问题"}, {"role": "assistant", "content": "OLD ANSWER"}]
+    page = start_page(monkeypatch, "--save_dir", str(weights_dir), *QUICK, messages=messages)
+    seeded(page).button(key="regenerate").click().run()
+    assert not page.exception
+    after = page.session_state["messages"]
+    assert after[:3] == messages[:3]
+    assert len(after) == 4 and after[3]["role"] == "assistant" and after[3]["content"] not in ("", "OLD ANSWER")
+    assert "OLD ANSWER" not in str(conversation(page))
+
+
+def test_delete_removes_one_turn(monkeypatch, weights_dir):
+    messages = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"},
+                {"role": "user", "content": "second question"}, {"role": "assistant", "content": "second answer"}]
+    page = start_page(monkeypatch, "--save_dir", str(weights_dir), *QUICK, messages=messages)
+    page.button(key="delete_0").click().run()
+    assert not page.exception
+    assert page.session_state["messages"] == messages[2:]
+    assert conversation(page) == [("user", "second question"), ("assistant", "second answer")]
+
+
+def test_model_output_is_shown_as_text_never_as_html_or_markdown(monkeypatch, weights_dir):
+    attack = "<script>alert(1)</script> **not bold** <img src=x onerror=alert(2)>"
+    messages = [{"role": "user", "content": "<b>hi</b>"},
+                {"role": "assistant", "content": attack, "reasoning_content": "<script>alert(3)</script>"}]
+    page = start_page(monkeypatch, "--save_dir", str(weights_dir), messages=messages)
+    assert not page.exception
+    user, assistant = page.chat_message
+    assert [element.value for element in user.text] == ["<b>hi</b>"]
+    assert attack in [element.value for element in assistant.text]  # st.text: shown character for character
+    thinking = assistant.expander[0]
+    assert [element.value for element in thinking.text] == ["<script>alert(3)</script>"]
+    rendered_as_markup = [element.value for element in page.main.markdown] + [element.body for element in page.main.get("html")]
+    assert not any("<script>" in value or "not bold" in value for value in rendered_as_markup)
+
+
+def test_a_transformers_qwen2_chat_model_answers(monkeypatch, qwen_dir):
+    page = start_page(monkeypatch, "--load_from", str(qwen_dir), *QUICK)
+    assert not page.exception and not page.warning
+    assert "Qwen2ForCausalLM" in page.caption[0].value
+    ask(page, "What is the capital of France?")
+    assert not page.exception
+    assert [role for role, _ in conversation(page)] == ["user", "assistant"]
+    assert page.session_state["messages"][-1]["content"].strip()
+
+
+def test_help_runs_from_any_directory(tmp_path):
+    result = subprocess.run([sys.executable, str(WEB_DEMO), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--load_from" in result.stdout and "--api_base" in result.stdout
