@@ -27,6 +27,7 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
                           PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer)
 
+from model.model_lora import load_lora, merge_lora
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,12 @@ def size_config(hidden_size: int = 512, num_hidden_layers: int = 8, use_moe: boo
 
 def weight_file_name(weight: str, config: MiniMindConfig) -> str:
     """MiniMind's file naming: full_sft_512.pth, pretrain_640_moe.pth, ..."""
-    return f"{weight}_{config.hidden_size}{'_moe' if config.use_moe else ''}.pth"
+    return f"{weight}_{config.hidden_size}{'_moe' if getattr(config, 'use_moe', False) else ''}.pth"
+
+
+def lora_file(name: str, config, save_dir: str | Path = DEFAULT_SAVE_DIR) -> Path:
+    """Where LoRA adapters live: <save_dir>/lora/<name>_<hidden>[_moe].pth (with their .json config)."""
+    return resolve_path(save_dir, DEFAULT_SAVE_DIR) / "lora" / weight_file_name(name, config)
 
 
 def read_pth(path: Path) -> tuple[dict[str, torch.Tensor], MiniMindConfig | None]:
@@ -186,10 +192,11 @@ def load_model_and_tokenizer(load_from: str = NATIVE, *, weight: str = "full_sft
                              hidden_size: int = 512, num_hidden_layers: int = 8, use_moe: bool = False,
                              preset: str | None = None, inference_rope_scaling: bool = False,
                              tokenizer_path: str | Path | None = None, device: str = "auto",
-                             dtype: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+                             dtype: str = "auto", lora_weight: str | None = None
+                             ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A model in eval mode on its device and dtype, and its tokenizer (see the module docstring for
-    what `load_from` may name). The size arguments only matter for a `.pth` without sidecar and for
-    the file name under `--load_from model`."""
+    what `load_from` may name), with the LoRA adapter `lora_weight` merged in if given. The size
+    arguments only matter for a `.pth` without sidecar and for the file name under `--load_from model`."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     size = size_config(hidden_size, num_hidden_layers, use_moe, preset)
@@ -204,7 +211,22 @@ def load_model_and_tokenizer(load_from: str = NATIVE, *, weight: str = "full_sft
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab} embeddings: "
                          f"pass the model's own tokenizer with --tokenizer_path")
+    if lora_weight and lora_weight.lower() != "none":
+        model = merge_lora_weight(model, lora_weight, save_dir)
     return model.to(torch_device, torch_dtype).eval(), tokenizer
+
+
+def merge_lora_weight(model: PreTrainedModel, lora_weight: str, save_dir: str | Path = DEFAULT_SAVE_DIR) -> PreTrainedModel:
+    """`--lora_weight`: an adapter by name (<save_dir>/lora/<name>_<hidden>[_moe].pth, as
+    trainer/train_lora.py writes it), a `.pth` path, or a PEFT adapter directory, merged into the
+    model's weights: the logits of base + adapter at the speed of the base model."""
+    is_path = lora_weight.endswith(".pth") or Path(lora_weight).is_dir()
+    path = resolve_path(lora_weight) if is_path else lora_file(lora_weight, model.config, save_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"--lora_weight {lora_weight}: {path} not found "
+                                f"(expected a name in <save_dir>/lora, a .pth file or a PEFT adapter directory)")
+    load_lora(model, path)
+    return merge_lora(model)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -214,6 +236,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="'model' = native weights <save_dir>/<weight>_<hidden>[_moe].pth; or a .pth path; "
                             "or an HF directory (ours, a released MiniMind one, or any transformers chat model)")
     group.add_argument("--weight", default="full_sft", help="weight name under --load_from model (pretrain, full_sft, dpo, reason, grpo, ...)")
+    group.add_argument("--lora_weight", default=None,
+                       help="a LoRA adapter merged into the model: a name in <save_dir>/lora (<name>_<hidden>[_moe].pth, "
+                            "e.g. lora_identity), a .pth path, or a PEFT adapter directory (default: none)")
     group.add_argument("--save_dir", default=DEFAULT_SAVE_DIR, help="where --load_from model looks (default: <repo>/out)")
     group.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a named size; overrides the size flags")
     group.add_argument("--hidden_size", type=int, default=512, help="size of a .pth without .json sidecar, and its file name")
@@ -232,7 +257,7 @@ def load_from_args(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTraine
         args.load_from, weight=args.weight, save_dir=args.save_dir, hidden_size=args.hidden_size,
         num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe), preset=args.preset,
         inference_rope_scaling=args.inference_rope_scaling, tokenizer_path=args.tokenizer_path,
-        device=args.device, dtype=args.dtype)
+        device=args.device, dtype=args.dtype, lora_weight=args.lora_weight)
 
 
 def describe(model: PreTrainedModel) -> str:

@@ -2,50 +2,9 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import pytest
-import torch
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "dataset" / "demo"
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> dict[str, Path]:
-    """The first lines of the demo files: enough for a few dozen tiny steps."""
-    root = tmp_path_factory.mktemp("data")
-    files = {}
-    for name, lines in (("pretrain", 300), ("sft", 300)):
-        path = root / f"{name}.jsonl"
-        with open(DEMO / f"{name}.jsonl", encoding="utf-8") as src:
-            path.write_text("".join(next(src) for _ in range(lines)), encoding="utf-8")
-        files[name] = path
-    return files
-
-
-def tiny_flags(out: Path, data: Path, *extra: str) -> list[str]:
-    return ["--preset", "tiny", "--data_path", str(data), "--max_seq_len", "64", "--batch_size", "4",
-            "--accumulation_steps", "2", "--device", "cpu", "--dtype", "float32", "--log_interval", "1",
-            "--save_dir", str(out / "out"), "--checkpoint_dir", str(out / "ckpt"), *extra]
-
-
-def run_trainer(script: str, flags: list[str], **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(REPO / "trainer" / script), *flags], capture_output=True, text=True,
-                            timeout=600, cwd=kwargs.get("cwd", "/"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
-def losses(metrics: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    steps = [r["step"] for r in records]
-    assert steps == sorted(set(steps)), "metrics must hold each step once, in order"
-    return {r["step"]: r["loss"] for r in records}
+from conftest import assert_ranks_in_sync, kill_then_resume, losses, run_trainer, tiny_flags, torchrun
 
 
 def test_sigkill_then_resume_continues_exactly(small_data, tmp_path):
@@ -58,19 +17,8 @@ def test_sigkill_then_resume_continues_exactly(small_data, tmp_path):
 
     killed = tmp_path / "killed"
     flags = tiny_flags(killed, small_data["pretrain"], "--epochs", "2", "--save_interval", "1", "--from_resume", "1")
-    metrics = killed / "out" / "pretrain_64.metrics.jsonl"
-    for kill_after_step in (3, 7, len(expected) // 2 + 3):
-        process = subprocess.Popen([sys.executable, str(REPO / "trainer" / "train_pretrain.py"), *flags],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
-        deadline = time.time() + 300
-        while time.time() < deadline and process.poll() is None:
-            if metrics.exists() and metrics.read_text().count("\n") >= kill_after_step:
-                break
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    run_trainer("train_pretrain.py", flags)
-    resumed = losses(metrics)
+    resumed = kill_then_resume("train_pretrain.py", flags, killed / "out" / "pretrain_64.metrics.jsonl",
+                               [3, 7, len(expected) // 2 + 3])
     assert resumed.keys() == expected.keys()
     for step, loss in expected.items():
         assert abs(resumed[step] - loss) <= 1e-5, f"step {step}: {resumed[step]} vs {loss}"
@@ -115,22 +63,21 @@ def test_pretrain_then_sft_outputs_and_metrics(small_data, tmp_path):
     assert records[-1]["lr"] > 0.5 * 1e-6
 
 
-def torchrun(script: str, flags: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29517", str(REPO / "trainer" / script), *flags],
-                            capture_output=True, text=True, timeout=600, env=env, cwd="/")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
 def test_torchrun_two_processes_pretrain_and_sft_stay_in_sync(small_data, tmp_path):
     torchrun("train_pretrain.py", tiny_flags(tmp_path, small_data["pretrain"], "--max_steps", "4"))
     torchrun("train_full_sft.py", tiny_flags(tmp_path, small_data["sft"], "--max_steps", "3"))
     for stem in ("pretrain_64", "full_sft_64"):
-        rank0 = torch.load(tmp_path / "ckpt" / f"{stem}_resume.pth", weights_only=False)
-        rank1 = torch.load(tmp_path / "ckpt" / f"{stem}_resume_rank1.pth", weights_only=False)
-        assert rank0["world_size"] == 2
-        for key, tensor in rank0["model"].items():
-            assert torch.equal(tensor, rank1["model"][key]), f"{stem}: {key} differs between ranks"
-        assert rank0["objects"]["data"] != rank1["objects"]["data"]  # each rank read its own share
+        assert_ranks_in_sync(tmp_path / "ckpt", stem)
+
+
+
+def test_use_wandb_logs_offline_and_resumes_the_same_run(small_data, tmp_path, monkeypatch):
+    for name in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(name)  # no credentials: offline mode
+    flags = tiny_flags(tmp_path, small_data["pretrain"], "--max_steps", "2", "--use_wandb", "--from_resume", "1")
+    run_trainer("train_pretrain.py", flags)
+    flags[flags.index("--max_steps") + 1] = "4"
+    run_trainer("train_pretrain.py", flags)
+    runs = sorted((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]  # one run id, resumed
+    assert all(list(run.glob("*.wandb")) for run in runs)

@@ -287,6 +287,18 @@ def load_model(args: argparse.Namespace, runtime: Runtime, name: str | None = No
     return model.to(runtime.device)
 
 
+def freeze(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
+    """A model that is read, never trained: a DPO reference or a distillation teacher. In `eval()`
+    (no dropout: it must be the same function at every step), without gradients, and stored in the
+    training dtype, since it needs no fp32 master copy: half the memory under bf16."""
+    return model.to(runtime.dtype).eval().requires_grad_(False)
+
+
+def load_frozen_model(args: argparse.Namespace, runtime: Runtime, name: str,
+                      config: MiniMindConfig | None = None) -> torch.nn.Module:
+    return freeze(load_model(args, runtime, name, config), runtime)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     model = model.module if isinstance(model, DistributedDataParallel) else model
     return getattr(model, "_orig_mod", model)  # torch.compile wrapper
@@ -308,18 +320,25 @@ class NullLogger:
 
 
 class ExperimentLogger(NullLogger):
-    """wandb if installed, else swanlab; offline unless credentials are configured. Resumes its run."""
+    """wandb if installed, else swanlab; offline unless credentials are configured (runs then sync
+    later with `wandb sync`). The run id goes into the resume checkpoint, so a resumed run continues
+    the same curve. Files go under `<save_dir>/`."""
 
-    def __init__(self, project: str, name: str, config: dict, run_id: str | None):
+    def __init__(self, project: str, name: str, config: dict, run_id: str | None, directory: Path):
         try:
             import wandb as backend
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-            self.run = backend.init(project=project, name=name, config=config, id=run_id, resume="allow", mode=mode)
+            self.run = backend.init(project=project, name=name, config=config, id=run_id, resume="allow", mode=mode,
+                                    dir=str(directory))
             self.run_id = self.run.id
         except ImportError:
-            import swanlab as backend
+            try:
+                import swanlab as backend
+            except ImportError:
+                sys.exit("error: --use_wandb needs `pip install wandb` (or swanlab)")
             mode = "cloud" if os.environ.get("SWANLAB_API_KEY") else "offline"
-            self.run = backend.init(project=project, experiment_name=name, config=config, mode=mode)
+            self.run = backend.init(project=project, experiment_name=name, config=config, mode=mode,
+                                    logdir=str(directory / "swanlog"))
             self.run_id = None
         self.backend = backend
 
@@ -523,7 +542,8 @@ class Trainer:
                                         self.step if self.resumed else None) if self.runtime.is_main else None
         self.logger: NullLogger = NullLogger()
         if self.args.use_wandb and self.runtime.is_main:
-            self.logger = ExperimentLogger(self.args.wandb_project, self.stem, vars(self.args), self.logger_id)
+            self.logger = ExperimentLogger(self.args.wandb_project, self.stem, vars(self.args), self.logger_id,
+                                           save_dir(self.args))
             self.logger_id = self.logger.run_id
         self.run_start = time.perf_counter() - self.elapsed
         self.window_start, self.window_tokens = time.perf_counter(), 0
@@ -565,11 +585,18 @@ class Trainer:
 
     # --- the supervised loop ------------------------------------------------------------------
 
-    def fit(self, batches: Batches, loss_fn: Callable[[torch.nn.Module, dict], LossOutput]) -> None:
+    def fit(self, batches: Batches, loss_fn: Callable[[torch.nn.Module, dict], LossOutput],
+            prepare_window: Callable[[list[dict]], list[dict]] | None = None, updates_per_window: int = 1,
+            after_window: Callable[[list[dict]], None] | None = None) -> None:
         """Epochs of: gather `accumulation_steps` micro-batches, count their loss units across
-        processes, backpropagate sum(loss) / units, step. Stops at `--max_steps` if set."""
+        processes, backpropagate sum(loss) / units, step. Stops at `--max_steps` if set.
+
+        RL stages first turn each window of prompt batches into scored rollouts (`prepare_window`, no
+        gradients), take `updates_per_window` optimizer steps over them (PPO epochs), then call
+        `after_window`. Resume checkpoints are written between windows only, so a resumed run never
+        needs a rollout that was not saved."""
         accumulation = self.args.accumulation_steps
-        steps_per_epoch = math.ceil(batches.estimated_batches_per_epoch() / accumulation)
+        steps_per_epoch = math.ceil(batches.estimated_batches_per_epoch() / accumulation) * updates_per_window
         self.total_steps = self.args.epochs * steps_per_epoch
         self.state_objects["data"] = batches  # its position is part of the resume state
         self.load_resume()
@@ -585,19 +612,30 @@ class Trainer:
                 # Every process must take the same number of steps, whatever its share of the data.
                 if self.runtime.all_reduce(len(window), "min").item() == 0:
                     break
-                self.train_step(window, loss_fn)
+                if prepare_window is not None:
+                    window = prepare_window(window)
+                steps_before = self.step
+                for _ in range(updates_per_window):
+                    self.train_step(window, loss_fn, save=False)
+                    if self.args.max_steps and self.step >= self.args.max_steps:
+                        break
+                if after_window is not None:
+                    after_window(window)
+                if self.step // self.args.save_interval > steps_before // self.args.save_interval:
+                    self.save()
                 if self.args.max_steps and self.step >= self.args.max_steps:
                     self.finish()
                     return
             self.resumed = False
         self.finish()
 
-    def train_step(self, window: list[dict], loss_fn: Callable[[torch.nn.Module, dict], LossOutput]) -> None:
+    def train_step(self, window: list[dict], loss_fn: Callable[[torch.nn.Module, dict], LossOutput],
+                   save: bool = True) -> None:
         device = self.runtime.device
         window = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                   for batch in window]
-        local_units = sum(loss_units(batch) for batch in window)
-        total_units = self.runtime.all_reduce(local_units).item()
+        local_counts = [sum(loss_units(batch) for batch in window), sum(labelled_tokens(batch) for batch in window)]
+        total_units, total_tokens = self.runtime.all_reduce(local_counts).tolist()
         loss_total, finite, metric_sums = 0.0, True, {}
         for i, batch in enumerate(window):
             with self.runtime.autocast():
@@ -613,8 +651,9 @@ class Trainer:
         if not stepped:
             return
         mean_loss = self.runtime.all_reduce(loss_total).item() / max(total_units, 1)
-        self.log(mean_loss, {**metric_sums, "grad_norm": grad_norm}, int(total_units))
-        self.maybe_save()
+        self.log(mean_loss, {**metric_sums, "grad_norm": grad_norm}, int(total_tokens))
+        if save:
+            self.maybe_save()
 
 
 def loss_units(batch: dict) -> int:
@@ -623,6 +662,22 @@ def loss_units(batch: dict) -> int:
     if "loss_units" in batch:
         return int(batch["loss_units"])
     return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def labelled_tokens(batch: dict) -> int:
+    """Loss-bearing tokens of a micro-batch, for the `tokens` figure of the metrics: those of every
+    `*labels` tensor (`labels`, or DPO's `chosen_labels` and `rejected_labels`)."""
+    return sum(int((labels[:, 1:] != -100).sum()) for key, labels in batch.items() if key.endswith("labels"))
+
+
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels[:, t] | tokens before t) for t >= 1, shape (B, T - 1), and 0 where the label is -100:
+    the per-token log-likelihoods that DPO sums and RL ratios compare. (Cross-entropy with no reduction is
+    exactly -log p of the target, without materialising the log-softmax of the whole vocabulary.)"""
+    targets = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                            ignore_index=-100, reduction="none")
+    return -nll.view_as(targets)
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict) -> LossOutput:
@@ -636,11 +691,15 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict) -> LossOutput:
 
 
 def train_language_model(args: argparse.Namespace, dataset_class: type, data_file: str, demo_file: str,
-                         loss_fn: Callable[[torch.nn.Module, dict], LossOutput] = causal_lm_loss) -> None:
-    """The recipe of every next-token stage (pretraining, SFT, reasoning): data -> model -> fit."""
+                         loss_fn: Callable[[torch.nn.Module, dict], LossOutput] = causal_lm_loss,
+                         prepare_model: Callable[[torch.nn.Module, Runtime], dict[str, Any]] | None = None) -> None:
+    """The recipe of every next-token stage (pretraining, SFT, reasoning, LoRA): data -> model -> fit.
+    `prepare_model(model, runtime)`, if given, changes the loaded model before training (LoRA adds
+    adapters) and returns extra `Trainer` arguments: which `params` train, the `weight_saver`, ..."""
     data_path = resolve_data_path(args, data_file, demo_file)
     runtime = setup_runtime(args)
     tokenizer = load_tokenizer(args.tokenizer_path)
     model = load_model(args, runtime)
+    trainer_options = prepare_model(model, runtime) if prepare_model else {}
     dataset = dataset_class(str(data_path), tokenizer, max_length=args.max_seq_len)
-    Trainer(args, runtime, model).fit(lm_batches(args, runtime, dataset), loss_fn)
+    Trainer(args, runtime, model, **trainer_options).fit(lm_batches(args, runtime, dataset), loss_fn)

@@ -1,0 +1,92 @@
+"""Shared by the trainer tests: small data, tiny-preset flags, running a trainer as users do
+(subprocess, `torchrun`, `kill -9` then `--from_resume 1`), and reading its metrics."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "dataset" / "demo"
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> dict[str, Path]:
+    """The first 300 lines of each demo file, by name ("pretrain", "sft", "dpo", ...): enough for a
+    few dozen tiny steps."""
+    root = tmp_path_factory.mktemp("data")
+    files = {}
+    for source in sorted(DEMO.glob("*.jsonl")):
+        path = root / source.name
+        with open(source, encoding="utf-8") as src:
+            path.write_text("".join(line for _, line in zip(range(300), src)), encoding="utf-8")
+        files[source.stem] = path
+    return files
+
+
+def tiny_flags(out: Path, data: Path, *extra: str) -> list[str]:
+    return ["--preset", "tiny", "--data_path", str(data), "--max_seq_len", "64", "--batch_size", "4",
+            "--accumulation_steps", "2", "--device", "cpu", "--dtype", "float32", "--log_interval", "1",
+            "--save_dir", str(out / "out"), "--checkpoint_dir", str(out / "ckpt"), *extra]
+
+
+def trainer_command(script: str, flags: list[str]) -> list[str]:
+    return [sys.executable, str(REPO / "trainer" / script), *flags]
+
+
+def run_trainer(script: str, flags: list[str], **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(trainer_command(script, flags), capture_output=True, text=True, timeout=600,
+                            cwd=kwargs.get("cwd", "/"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def losses(metrics: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), "metrics must hold each step once, in order"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def kill_then_resume(script: str, flags: list[str], metrics: Path, kill_after_steps: list[int]) -> dict[int, float]:
+    """Start the trainer with `flags` (which should hold `--from_resume 1`), `kill -9` it once the
+    metrics file has each of `kill_after_steps` lines (a restart in between), then let it finish.
+    Returns the per-step losses of the whole, interrupted run."""
+    for kill_after_step in kill_after_steps:
+        process = subprocess.Popen(trainer_command(script, flags), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, cwd="/")
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            if metrics.exists() and metrics.read_text().count("\n") >= kill_after_step:
+                break
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    run_trainer(script, flags)
+    return losses(metrics)
+
+
+def torchrun(script: str, flags: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29517", str(REPO / "trainer" / script), *flags],
+                            capture_output=True, text=True, timeout=600, env=env, cwd="/")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def assert_ranks_in_sync(checkpoint_dir: Path, stem: str) -> None:
+    """After a two-process run: both ranks' resume states hold the same weights, and each rank read
+    its own share of the data."""
+    rank0 = torch.load(checkpoint_dir / f"{stem}_resume.pth", weights_only=False)
+    rank1 = torch.load(checkpoint_dir / f"{stem}_resume_rank1.pth", weights_only=False)
+    assert rank0["world_size"] == 2
+    for key, tensor in rank0["model"].items():
+        assert torch.equal(tensor, rank1["model"][key]), f"{stem}: {key} differs between ranks"
+    assert rank0["objects"]["data"] != rank1["objects"]["data"]
