@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.utils import ModelOutput
@@ -499,5 +499,10 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
                                          past_key_values=trunk.past_key_values)
 
 
+# Saved directories name this file in `auto_map`, so transformers can load them with
+# trust_remote_code=True anywhere; registering the classes locally too means that where this file is
+# importable, `AutoConfig`/`AutoModelForCausalLM`/`AutoTokenizer` use it without asking to run remote code.
 MiniMindConfig.register_for_auto_class()
 MiniMindForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AutoConfig.register(MiniMindConfig.model_type, MiniMindConfig, exist_ok=True)
+AutoModelForCausalLM.register(MiniMindConfig, MiniMindForCausalLM, exist_ok=True)
