@@ -2,9 +2,11 @@
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
-from conftest import assert_ranks_in_sync, kill_then_resume, losses, run_trainer, tiny_flags, torchrun
+from conftest import (assert_ranks_in_sync, kill_then_resume, losses, run_trainer, tiny_flags, torchrun,
+                      trainer_command)
 
 
 def test_sigkill_then_resume_continues_exactly(small_data, tmp_path):
@@ -81,3 +83,16 @@ def test_use_wandb_logs_offline_and_resumes_the_same_run(small_data, tmp_path, m
     runs = sorted((tmp_path / "out" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]  # one run id, resumed
     assert all(list(run.glob("*.wandb")) for run in runs)
+
+
+def test_a_malformed_line_stops_the_run_naming_file_and_line_before_any_output(small_data, tmp_path):
+    lines = small_data["sft"].read_text(encoding="utf-8").splitlines(keepends=True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(lines[:200]) + '{"conversations": [{"role": "robot", "content": "hi"}]}\n'
+                   + "".join(lines[200:]), encoding="utf-8")
+    result = subprocess.run(trainer_command("train_full_sft.py", tiny_flags(tmp_path, bad, "--from_weight", "none")),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert f"{bad}:201:" in result.stderr and "robot" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ckpt").exists()

@@ -216,6 +216,18 @@ def resolve_data_path(args: argparse.Namespace, default_file: str, demo_file: st
     return demo
 
 
+def open_dataset(dataset_class: type, data_path: Path, tokenizer, max_length: int, runtime: Runtime, **kwargs):
+    """The stage's dataset, every line validated before training starts: a malformed line stops the
+    run with `path:line: what is wrong` before any output is written, not hours into it."""
+    try:
+        dataset = dataset_class(str(data_path), tokenizer, max_length=max_length, **kwargs)
+        dataset.file.check_all()
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    runtime.print(f"data: {data_path} ({len(dataset):,} lines)")
+    return dataset
+
+
 def lm_batches(args: argparse.Namespace, runtime: Runtime, dataset) -> "PackedBatches":
     """Rows of `--max_seq_len` tokens for this process's share of the data, packed unless `--pack 0`."""
     from dataset.lm_dataset import PackedBatches
@@ -701,5 +713,5 @@ def train_language_model(args: argparse.Namespace, dataset_class: type, data_fil
     tokenizer = load_tokenizer(args.tokenizer_path)
     model = load_model(args, runtime)
     trainer_options = prepare_model(model, runtime) if prepare_model else {}
-    dataset = dataset_class(str(data_path), tokenizer, max_length=args.max_seq_len)
+    dataset = open_dataset(dataset_class, data_path, tokenizer, args.max_seq_len, runtime)
     Trainer(args, runtime, model, **trainer_options).fit(lm_batches(args, runtime, dataset), loss_fn)
