@@ -213,7 +213,7 @@ def api_reply(conversation: list[dict], settings: Settings) -> Iterator[tuple[st
 
 def show_reply(reasoning: str, answer: str, thinking_now: bool = False) -> None:
     if reasoning:
-        with st.expander("Thinking…" if thinking_now else "Thought", expanded=thinking_now, icon="💭"):
+        with st.expander("Thinking…" if thinking_now else "Thought", expanded=thinking_now, icon=":material/psychology:"):
             st.text(reasoning)
     if answer or not reasoning:
         st.text(answer)
@@ -253,12 +253,12 @@ def show_conversation(pending: bool) -> None:
                 show_message(message)
         if pending and index == len(turns) - 1:
             continue
-        buttons = st.columns([1, 1, 6] if index == len(turns) - 1 else [1, 7])
-        buttons[0].button("Delete", key=f"delete_{index}", icon="🗑️", type="tertiary",
-                          help="Remove this question and its answer", on_click=delete_turn, args=(index,))
+        buttons = st.container(horizontal=True)
+        buttons.button("Delete", key=f"delete_{index}", icon=":material/delete:", type="tertiary",
+                       help="Remove this question and its answer", on_click=delete_turn, args=(index,))
         if index == len(turns) - 1:
-            buttons[1].button("Regenerate", key="regenerate", icon="🔄", type="tertiary",
-                              help="Answer the last question again", on_click=regenerate)
+            buttons.button("Regenerate", key="regenerate", icon=":material/refresh:", type="tertiary",
+                           help="Answer the last question again", on_click=regenerate)
 
 
 def stream_answer(replies: Iterator[tuple[str, str]]) -> None:
@@ -280,12 +280,12 @@ def no_model_message(save_dir: Path) -> str:
 
 
 def app(args: argparse.Namespace) -> None:
-    st.set_page_config(page_title="MiniMind", page_icon="🤖")
+    st.set_page_config(page_title="MiniMind", page_icon=":material/smart_toy:")
     save_dir = resolve_path(args.save_dir, DEFAULT_SAVE_DIR)
     st.session_state.setdefault("messages", [])
     st.session_state.setdefault("pending_reply", False)
     settings = sidebar(args, save_dir)
-    st.sidebar.button("Clear the chat", icon="🧹", on_click=clear_chat)
+    st.sidebar.button("Clear the chat", icon=":material/delete_sweep:", on_click=clear_chat)
 
     model = tokenizer = None
     problem = None
