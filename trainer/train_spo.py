@@ -1,0 +1,167 @@
+"""SPO: Single-stream Policy Optimization (Xu & Ding, 2025): one response per prompt, and a persistent,
+KL-adaptive value tracker as the baseline.
+
+    python trainer/train_spo.py           # from out/full_sft_512.pth on dataset/rlaif-mini.jsonl (or the demo prompts)
+
+GRPO needs a group of responses per prompt for its baseline, and a group that is all right or all wrong
+teaches nothing. SPO samples each prompt once and keeps, per prompt x, a Beta(alpha, beta) belief about
+the success probability p(x) of the policy on it: the baseline is its mean
+
+    v(x) = alpha / (alpha + beta)
+
+(on the [0, 1] scale; rewards are mapped onto it with the lowest and highest total the reward functions
+can give). After a reward r it updates with a forgetting factor rho that shrinks as the policy moves:
+
+    alpha <- rho * alpha + r,   beta <- rho * beta + (1 - r),   rho = clip(2^(-D / D_half), rho_min, rho_max)
+
+with D the policy's drift (KL between the policies, summed over the updates) since x was last seen: old
+evidence about a policy that no longer exists weighs less. A prompt seen for the first time starts from
+the running success rate over all prompts, worth 1 / (1 - rho_min) observations. Advantages
+A = r - v(x) are then whitened over the batch and drive the same clipped, token-normalised loss as GRPO
+(with an optional k3 KL to the reference, `--beta`). Every process applies every process's updates,
+so the trackers stay identical under torchrun, and they are saved in the resume checkpoint.
+SPO's prioritised prompt sampling is not used: prompts come in the data order of the other stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from trainer import engine, rl
+
+
+class ValueTracker:
+    """Per-prompt Beta(alpha, beta) beliefs of success, forgetting at the pace the policy drifts.
+
+    State: for each prompt (by a hash of its text) alpha, beta and the cumulative drift when it was last
+    updated; the same for the running all-prompt belief that new prompts start from; the cumulative
+    drift of the policy so far."""
+
+    def __init__(self, rho_min: float, rho_max: float, drift_half_life: float):
+        self.rho_min, self.rho_max, self.drift_half_life = rho_min, rho_max, drift_half_life
+        self.prior_weight = 1.0 / (1.0 - rho_min)  # the effective memory of the slowest forgetting allowed
+        self.prompts: dict[str, list[float]] = {}
+        self.overall = [0.5 * self.prior_weight, 0.5 * self.prior_weight, 0.0]
+        self.drift = 0.0
+
+    @staticmethod
+    def key(prompt: str) -> str:
+        return hashlib.blake2b(prompt.encode(), digest_size=8).hexdigest()
+
+    def rho(self, drift_at_last_update: float) -> float:
+        drift = self.drift - drift_at_last_update
+        return min(max(2.0 ** (-drift / self.drift_half_life), self.rho_min), self.rho_max)
+
+    def belief(self, prompt: str) -> list[float]:
+        if (key := self.key(prompt)) not in self.prompts:
+            alpha, beta, _ = self.overall
+            success = alpha / (alpha + beta)
+            self.prompts[key] = [self.prior_weight * success, self.prior_weight * (1 - success), self.drift]
+        return self.prompts[key]
+
+    def baseline(self, prompt: str) -> float:
+        alpha, beta, _ = self.belief(prompt)
+        return alpha / (alpha + beta)
+
+    def update(self, prompts: list[str], successes: list[float]) -> None:
+        for prompt, success in zip(prompts, successes):
+            self._observe(self.belief(prompt), success)
+        if successes:
+            self._observe(self.overall, sum(successes) / len(successes))
+
+    def _observe(self, belief: list[float], success: float) -> None:
+        rho = self.rho(belief[2])
+        belief[:] = [rho * belief[0] + success, rho * belief[1] + (1 - success), self.drift]
+
+    def state_dict(self) -> dict:
+        return {"prompts": {key: list(value) for key, value in self.prompts.items()},
+                "overall": list(self.overall), "drift": self.drift}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prompts = {key: list(value) for key, value in state["prompts"].items()}
+        self.overall, self.drift = list(state["overall"]), float(state["drift"])
+
+
+def all_processes(values: list) -> list:
+    """Every process's list, concatenated in rank order (just `values` without torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    return [value for part in gathered for value in part]
+
+
+@torch.no_grad()
+def make_experience(window: list[dict], args: argparse.Namespace, setup: rl.Setup, trainer: engine.Trainer,
+                    tracker: ValueTracker) -> list[dict]:
+    """One response per prompt; advantage = reward - the tracker's baseline, whitened over the batch."""
+    low, high = setup.rewards.bounds
+    experiences, observed = [], []
+    for prompts in window:
+        rollout = rl.sample(trainer.model, setup.tokenizer, prompts, args, setup.runtime)
+        rewards, components = setup.rewards(rollout)
+        baselines = torch.tensor([low + (high - low) * tracker.baseline(p) for p in rollout.prompts])
+        advantages = rewards - baselines
+        advantages = (advantages - advantages.mean()) / (advantages.std(correction=0) + 1e-4)
+        observed += [(prompt, (reward - low) / (high - low)) for prompt, reward in zip(rollout.prompts, rewards.tolist())]
+        batch = rl.rollout_batch(rollout)
+        batch["advantages"] = advantages.to(setup.runtime.device)
+        batch["ref_log_probs"] = rl.frozen_log_probs(setup.reference, batch, args, setup.runtime)
+        batch["old_log_probs"] = rl.frozen_log_probs(trainer.model, batch, args, setup.runtime)
+        batch["rollout_metrics"] = {**rl.rollout_metrics(rollout, rewards, components),
+                                    "baseline": float(baselines.mean()), "tracked_prompts": len(tracker.prompts)}
+        experiences.append(batch)
+    everyone = all_processes(observed)
+    tracker.update([prompt for prompt, _ in everyone], [success for _, success in everyone])
+    return experiences
+
+
+@torch.no_grad()
+def measure_drift(window: list[dict], args: argparse.Namespace, setup: rl.Setup, trainer: engine.Trainer,
+                  tracker: ValueTracker) -> None:
+    """After the window's updates: how far the policy moved, as the mean k3 KL(old || new) over the
+    window's response tokens (averaged over processes), added to the tracker's cumulative drift."""
+    kl_sum, tokens = 0.0, 0.0
+    for batch in window:
+        new_log_probs = rl.frozen_log_probs(trainer.model, batch, args, setup.runtime)
+        kl_sum += float((rl.k3_kl(batch["old_log_probs"], new_log_probs) * batch["response_mask"]).sum())
+        tokens += float(batch["response_mask"].sum())
+    kl_sum, tokens = setup.runtime.all_reduce([kl_sum, tokens]).tolist()
+    tracker.drift += kl_sum / max(tokens, 1.0)
+
+
+def main() -> None:
+    parser = engine.stage_parser(__doc__, save_weight="spo", from_weight="full_sft", learning_rate=1e-6, epochs=1,
+                                 batch_size=8, max_seq_len=256, data_file="rlaif-mini.jsonl", log_interval=1,
+                                 save_interval=10)
+    rl.add_rl_args(parser, max_gen_len=512, ppo_epochs=1)
+    spo = parser.add_argument_group("SPO")
+    spo.add_argument("--epsilon", type=float, default=0.2, help="ratio clip: 1 - eps below")
+    spo.add_argument("--epsilon_high", type=float, default=None, help="ratio clip above: 1 + eps_high (default: --epsilon)")
+    spo.add_argument("--beta", type=float, default=0.0, help="weight of the k3 KL to the reference in the loss")
+    spo.add_argument("--rho_min", type=float, default=0.875, help="fastest forgetting of the value tracker")
+    spo.add_argument("--rho_max", type=float, default=0.96, help="slowest forgetting of the value tracker")
+    spo.add_argument("--drift_half_life", type=float, default=0.06,
+                     help="policy drift (KL) that halves the weight of a prompt's past rewards")
+    args = parser.parse_args()
+    if args.epsilon_high is None:
+        args.epsilon_high = args.epsilon
+    if not 0 < args.rho_min <= args.rho_max < 1:
+        parser.error("need 0 < --rho_min <= --rho_max < 1")
+
+    setup = rl.setup(args)
+    tracker = ValueTracker(args.rho_min, args.rho_max, args.drift_half_life)
+    trainer = engine.Trainer(args, setup.runtime, setup.policy, state_objects={"tracker": tracker})
+    hooks = dict(args=args, setup=setup, trainer=trainer, tracker=tracker)
+    surrogate = partial(rl.clipped_surrogate, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high)
+    trainer.fit(setup.batches, partial(rl.critic_free_loss, args=args, surrogate=surrogate), updates_per_window=args.ppo_epochs,
+                prepare_window=partial(make_experience, **hooks), after_window=partial(measure_drift, **hooks))
+
+
+if __name__ == "__main__":
+    main()
