@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList,
+                          PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList,
+                          TemperatureLogitsWarper, TextIteratorStreamer, TopKLogitsWarper, TopPLogitsWarper)
 
 from model.model_lora import load_lora, merge_lora
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
@@ -225,8 +226,9 @@ def merge_lora_weight(model: PreTrainedModel, lora_weight: str, save_dir: str | 
     if not path.exists():
         raise FileNotFoundError(f"--lora_weight {lora_weight}: {path} not found "
                                 f"(expected a name in <save_dir>/lora, a .pth file or a PEFT adapter directory)")
-    load_lora(model, path)
-    return merge_lora(model)
+    dtype = model.dtype  # merged in fp32, so that only the merged weights are rounded, once
+    load_lora(model.float(), path)
+    return merge_lora(model).to(dtype)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -374,15 +376,59 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class _StopOnStrings(StoppingCriteria):
+    """Stops at the token that completes one of the stop strings. It reads decoded text, not token
+    strings, so a stop string may split across tokens anywhere (a Chinese character is often
+    several byte-level tokens); only the tail that could hold a new match is decoded each step."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_tokens: int, stop: list[str]):
+        self.tokenizer, self.prompt_tokens, self.stop = tokenizer, prompt_tokens, stop
+        self.window = 4 * max(map(len, stop)) + 4  # a character is at most 4 byte-level tokens
+        self.matched = False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        tail = input_ids[0, max(self.prompt_tokens, input_ids.shape[1] - self.window):]
+        text = self.tokenizer.decode(tail, skip_special_tokens=True)
+        self.matched = self.matched or any(stop in text for stop in self.stop)
+        return torch.full((input_ids.shape[0],), self.matched, dtype=torch.bool, device=input_ids.device)
+
+
+class _SampleWith(LogitsProcessor):
+    """Draws the next token from the warped scores with a private generator and leaves only it
+    possible, so that greedy search picks it. A seeded reply then repeats even while other threads
+    sample: `torch.manual_seed` would reseed the one global generator they all draw from."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        chosen = torch.multinomial(torch.softmax(scores.float(), dim=-1), 1, generator=self.generator)
+        return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
+
+
+def _seeded_sampling(config: GenerationConfig, seed: int, device: torch.device) -> tuple[GenerationConfig, LogitsProcessorList]:
+    """`config`'s sampling, done by `_SampleWith` on a generator of its own seeded with `seed`."""
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(config.temperature)])
+    if config.top_k:
+        warpers.append(TopKLogitsWarper(config.top_k))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(config.top_p))
+    warpers.append(_SampleWith(torch.Generator(device).manual_seed(seed)))
+    greedy = GenerationConfig(**{**config.to_dict(), "do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+    return greedy, warpers
+
+
 class ChatStream:
     """One reply, as text pieces while the model writes it (iterate once). Afterwards:
     `prompt_tokens`, `completion_ids` and `completion_tokens` (generated tokens, not counting the
-    end-of-turn token) and `finish_reason`: "stop" (end of turn), "length" (max_new_tokens reached)
-    or "cancelled". To stop early (a client gone), `close()` it or iterate inside `with`."""
+    end-of-turn token) and `finish_reason`: "stop" (end of turn or a stop string), "length"
+    (max_new_tokens reached) or "cancelled". The text ends before the first stop string. To stop
+    early (a client gone), `close()` it or iterate inside `with`."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
-                 config: GenerationConfig, seed: int | None):
+                 config: GenerationConfig, seed: int | None, stop: list[str] | None = None):
         self.model, self.tokenizer, self.input_ids, self.config, self.seed = model, tokenizer, input_ids, config, seed
+        self.stop = [text for text in stop or [] if text]
         self.prompt_tokens = input_ids.shape[1]
         self.completion_ids: list[int] = []
         self.completion_tokens = 0
@@ -398,6 +444,11 @@ class ChatStream:
         """Stop generating (if still running) and wait for the generation thread to finish."""
         self._pieces.close()
 
+    def cancel(self) -> None:
+        """Ask the generation to stop after the current token, from any thread, without waiting
+        (`close()` must come from the thread that iterates)."""
+        self._cancel.set()
+
     def __enter__(self) -> "ChatStream":
         return self
 
@@ -408,14 +459,25 @@ class ChatStream:
         # Generation runs in a thread and hands decoded text over a queue, so the caller can print
         # (or send) each piece while the next token is computed.
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
         worker = threading.Thread(target=self._generate, args=(streamer,), daemon=True)
         worker.start()
+        held = ""  # the end of the text that could begin a stop string: shown once it cannot
         try:
             for piece in streamer:
-                if piece:
-                    yield piece
+                held += piece
+                found = [held.find(stop) for stop in self.stop if stop in held]
+                if found:
+                    if min(found):
+                        yield held[:min(found)]
+                    break
+                keep = max((n for stop in self.stop for n in range(len(stop) - 1, 0, -1) if held.endswith(stop[:n])),
+                           default=0)
+                if len(held) > keep:
+                    yield held[:len(held) - keep]
+                    held = held[len(held) - keep:]
+            else:
+                if held:
+                    yield held
         finally:
             self._cancel.set()
             worker.join()
@@ -423,10 +485,17 @@ class ChatStream:
             raise self._error
 
     def _generate(self, streamer: TextIteratorStreamer) -> None:
+        criteria = StoppingCriteriaList([_StopWhenSet(self._cancel)])
+        stop_strings = _StopOnStrings(self.tokenizer, self.prompt_tokens, self.stop) if self.stop else None
+        if stop_strings:
+            criteria.append(stop_strings)
+        config, processors = self.config, LogitsProcessorList()
+        if self.seed is not None and config.do_sample:
+            config, processors = _seeded_sampling(config, self.seed, self.input_ids.device)
         try:
             output = self.model.generate(
-                self.input_ids, attention_mask=torch.ones_like(self.input_ids), generation_config=self.config,
-                streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenSet(self._cancel)]))
+                self.input_ids, attention_mask=torch.ones_like(self.input_ids), generation_config=config,
+                streamer=streamer, stopping_criteria=criteria, logits_processor=processors)
         except BaseException as error:  # handed to the reader, who would otherwise wait forever
             self._error = error
             streamer.end()
@@ -436,17 +505,19 @@ class ChatStream:
         ended = bool(generated) and generated[-1] in stops
         self.completion_ids = generated[:-1] if ended else generated
         self.completion_tokens = len(self.completion_ids)
-        self.finish_reason = "stop" if ended else "length" if len(generated) >= self.config.max_new_tokens else "cancelled"
+        stopped = ended or (stop_strings is not None and stop_strings.matched)
+        self.finish_reason = "stop" if stopped else "length" if len(generated) >= self.config.max_new_tokens else "cancelled"
 
 
 def chat_stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messages: list[Message], *,
                 max_new_tokens: int = 512, temperature: float = 0.85, top_p: float = 0.85, top_k: int = 0,
                 repetition_penalty: float = 1.0, enable_thinking: bool | None = None,
-                tools: list[dict] | None = None, seed: int | None = None) -> ChatStream:
+                tools: list[dict] | None = None, seed: int | None = None, stop: list[str] | None = None) -> ChatStream:
     """Answer the conversation `messages` (already fitted to the context, see `fit_history`),
-    streaming text pieces. temperature 0 = greedy; `seed` makes sampling repeatable."""
+    streaming text pieces. temperature 0 = greedy; `seed` makes sampling repeatable; the reply
+    ends before the first of the `stop` strings."""
     prompt = render_prompt(tokenizer, messages, enable_thinking=enable_thinking, tools=tools)
     input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
     config = generation_config(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
-    return ChatStream(model, tokenizer, input_ids, config, seed)
+    return ChatStream(model, tokenizer, input_ids, config, seed, stop)

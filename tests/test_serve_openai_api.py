@@ -1,0 +1,524 @@
+"""scripts/serve_openai_api.py, driven as a user drives it: real uvicorn processes on free ports,
+asked with the official `openai` client (and curl). Three models are served: a random tiny MiniMind
+(.pth + sidecar), a tiny MiniMind trained here to answer one question with a think block and a tool
+call (HF directory), and a random tiny Qwen2 with the bundled tokenizer (any transformers chat model).
+Answers are checked against transformers' own `generate` and the tokenizer's own counts."""
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from openai import AsyncOpenAI, OpenAI
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+from model.loader import load_model_and_tokenizer, render_prompt
+from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+from scripts import chat_openai_api, serve_openai_api
+from scripts.serve_openai_api import Admission, ApiError, ReplyParser
+from trainer.engine import save_weights
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVE = REPO_ROOT / "scripts" / "serve_openai_api.py"
+CHAT = REPO_ROOT / "scripts" / "chat_openai_api.py"
+QUESTION = [{"role": "user", "content": "你好，请介绍一下你自己。"}]
+
+# What the scripted model was trained to answer to exactly this question with these tools.
+WEATHER_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+WEATHER_QUESTION = [{"role": "user", "content": "Weather in Paris?"}]
+WEATHER_REPLY = ('<think>\nI call the tool.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+                 '\n</tool_call>')
+
+
+# --- models and servers -------------------------------------------------------------------------
+
+@contextmanager
+def one_torch_thread():
+    """Training beside three server processes on a small machine: one thread each beats contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def save_random_minimind(directory: Path) -> Path:
+    """A random tiny MiniMind as the trainers save it. Wider initial weights than usual, so that
+    greedy decoding writes varied text rather than one token over and over."""
+    torch.manual_seed(0)
+    path = directory / "full_sft_64.pth"
+    save_weights(MiniMindForCausalLM(MiniMindConfig(**PRESETS["tiny"], initializer_range=0.2)), path)
+    return path
+
+
+def save_qwen2(directory: Path, tokenizer) -> Path:
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    path = directory / "tiny-qwen2"
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def train_scripted_minimind(directory: Path, tokenizer) -> Path:
+    """A tiny MiniMind that has learnt one reply by heart: trained until greedy decoding of the
+    weather question (with the weather tool) gives WEATHER_REPLY and then the end of the turn."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(**PRESETS["tiny"]))
+    prompt = tokenizer(render_prompt(tokenizer, WEATHER_QUESTION, tools=WEATHER_TOOLS), add_special_tokens=False).input_ids
+    reply = tokenizer(WEATHER_REPLY + tokenizer.eos_token, add_special_tokens=False).input_ids
+    input_ids, target = torch.tensor([prompt + reply]), torch.tensor(reply)
+    labels = torch.tensor([[-100] * len(prompt) + reply])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with one_torch_thread():
+        for _ in range(400):
+            output = model(input_ids=input_ids, labels=labels)
+            if output.loss.item() < 0.05 and bool((output.logits[0, len(prompt) - 1:-1].argmax(-1) == target).all()):
+                break
+            optimizer.zero_grad()
+            output.loss.backward()
+            optimizer.step()
+        else:
+            raise AssertionError(f"the scripted model did not learn its reply (loss {output.loss.item():.3f})")
+    path = directory / "scripted-minimind"
+    model.eval().save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`python scripts/serve_openai_api.py --load_from ...` in a process of its own."""
+
+    def __init__(self, load_from: Path, *flags: str):
+        self.port = free_port()
+        self.log = load_from.parent / f"{load_from.name}.log"
+        self.process = subprocess.Popen(
+            [sys.executable, str(SERVE), "--load_from", str(load_from), "--device", "cpu", "--port", str(self.port), *flags],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"{self.url}/v1"
+
+    def ready(self, timeout: float = 180) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                self.health()
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"the server did not start in {timeout} s:\n{self.log.read_text()}")
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+            return json.load(response)
+
+    def client(self) -> OpenAI:
+        return OpenAI(base_url=self.base_url, api_key="unused", max_retries=0)
+
+    def post(self, body: bytes | dict) -> tuple[int, dict]:
+        """A raw POST to /v1/chat/completions: the status and the JSON body."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.base_url}/chat/completions", data=data,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as error:
+            return error.code, json.load(error)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(REPO_ROOT / "model")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer):
+    directory = tmp_path_factory.mktemp("served")
+    return {"random": save_random_minimind(directory), "qwen2": save_qwen2(directory, tokenizer)}
+
+
+@pytest.fixture(scope="module")
+def servers(models, tokenizer):
+    """All three servers start at once (they load while the scripted model trains here)."""
+    started = {"random": Server(models["random"], "--max_concurrency", "4", "--max_queue", "16"),
+               "qwen2": Server(models["qwen2"])}
+    try:
+        started["scripted"] = Server(train_scripted_minimind(models["random"].parent, tokenizer))
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def random_server(servers) -> Server:
+    return servers["random"].ready()
+
+
+@pytest.fixture(scope="module")
+def scripted_server(servers) -> Server:
+    return servers["scripted"].ready()
+
+
+@pytest.fixture(scope="module")
+def qwen2_server(servers) -> Server:
+    return servers["qwen2"].ready()
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    """The served .pth, loaded here: transformers' generate on it is what the server must answer."""
+    model, _ = load_model_and_tokenizer(str(models["random"]), device="cpu")
+    return model
+
+
+def greedy(model, tokenizer, messages: list[dict], max_new_tokens: int) -> tuple[str, list[int]]:
+    """transformers' greedy answer: its text and its token ids (the end-of-turn token left out)."""
+    ids = tokenizer(render_prompt(tokenizer, messages), return_tensors="pt", add_special_tokens=False).input_ids
+    with one_torch_thread():
+        output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    generated = [token for token in output[0, ids.shape[1]:].tolist() if token != tokenizer.eos_token_id]
+    return tokenizer.decode(generated, skip_special_tokens=True), generated
+
+
+def prompt_tokens(tokenizer, messages: list[dict], **template) -> int:
+    return len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template),
+                         add_special_tokens=False).input_ids)
+
+
+# --- answers ------------------------------------------------------------------------------------
+
+def test_models_lists_the_served_model(random_server):
+    assert [model.id for model in random_server.client().models.list().data] == ["full_sft_64"]
+
+
+def test_answer_is_transformers_greedy_answer_with_its_token_counts(random_server, reference, tokenizer):
+    reply = random_server.client().chat.completions.create(model="minimind", messages=QUESTION, max_tokens=24, temperature=0)
+    text, ids = greedy(reference, tokenizer, QUESTION, 24)
+    assert len(ids) == 24  # the random model does not end its turn this early
+    assert reply.choices[0].message.content == text and reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens == prompt_tokens(tokenizer, QUESTION)
+    assert reply.usage.completion_tokens == 24
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 24
+    assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion" and reply.model == "full_sft_64"
+    assert abs(reply.created - time.time()) < 600
+
+
+def test_stream_gives_the_same_answer_in_chunks_of_one_id(random_server):
+    client = random_server.client()
+    whole = client.chat.completions.create(model="minimind", messages=QUESTION, max_tokens=24, temperature=0)
+    chunks = list(client.chat.completions.create(model="minimind", messages=QUESTION, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert len({chunk.id for chunk in chunks}) == 1 and all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks[:-1]) == whole.choices[0].message.content
+    assert [chunk.choices[0].finish_reason for chunk in chunks[:-1]] == [None] * (len(chunks) - 2) + ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    plain = list(client.chat.completions.create(model="minimind", messages=QUESTION, max_tokens=4, temperature=0, stream=True))
+    assert plain[-1].choices[0].finish_reason == "length"  # no usage chunk unless asked for
+
+
+def test_stop_strings_end_the_answer_before_them(random_server):
+    client = random_server.client()
+    full = client.chat.completions.create(model="minimind", messages=QUESTION, max_tokens=24, temperature=0)
+    text = full.choices[0].message.content
+    cut = next(k for k in range(len(text) // 2, len(text) - 2) if text.find(text[k:k + 2]) == k and text[k:k + 2].strip())
+    for stop in (text[cut:cut + 2], ["never appears", text[cut:cut + 2]]):
+        reply = client.chat.completions.create(model="minimind", messages=QUESTION, max_tokens=24, temperature=0, stop=stop)
+        assert reply.choices[0].message.content == text[:cut]
+        assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens < 24
+    streamed = client.chat.completions.create(model="minimind", messages=QUESTION, max_tokens=24, temperature=0,
+                                              stop=text[cut:cut + 2], stream=True)
+    chunks = list(streamed)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == text[:cut]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_sixteen_concurrent_streams_each_get_their_own_answer(random_server):
+    """Greedy streams equal the answer each prompt gets alone; seeded sampled streams repeat one
+    another although unseeded sampling runs beside them (no shared generator, cache or state)."""
+    prompts = [[{"role": "user", "content": f"问题 {i}: {topic}"}] for i, topic in enumerate(["猫", "天空", "数学", "旅行"])]
+    client = random_server.client()
+    alone = [client.chat.completions.create(model="m", messages=p, max_tokens=12, temperature=0).choices[0].message.content
+             for p in prompts]
+    seeded = dict(temperature=1.0, top_p=1.0, seed=11)
+    alone_seeded = client.chat.completions.create(model="m", messages=prompts[0], max_tokens=12, **seeded).choices[0].message.content
+    requests = [(p, {"temperature": 0}) for p in prompts for _ in range(2)] + [(prompts[0], seeded)] * 4 \
+        + [(p, {"temperature": 1.0}) for p in prompts]
+
+    async def stream(async_client, messages, settings) -> tuple[set, str, str]:
+        chunks = [chunk async for chunk in await async_client.chat.completions.create(
+            model="m", messages=messages, max_tokens=12, stream=True, **settings)]
+        return ({chunk.id for chunk in chunks}, "".join(chunk.choices[0].delta.content or "" for chunk in chunks),
+                chunks[-1].choices[0].finish_reason)
+
+    async def all_at_once():
+        async with AsyncOpenAI(base_url=random_server.base_url, api_key="unused", max_retries=0) as async_client:
+            return await asyncio.gather(*(stream(async_client, m, s) for m, s in requests))
+
+    results = asyncio.run(all_at_once())
+    assert len(results) == 16 and all(len(ids) == 1 for ids, _, _ in results)
+    assert len({next(iter(ids)) for ids, _, _ in results}) == 16
+    assert all(finish == "length" for _, _, finish in results)
+    assert [text for _, text, _ in results[:8]] == [answer for answer in alone for _ in range(2)]
+    assert [text for _, text, _ in results[8:12]] == [alone_seeded] * 4
+    assert random_server.health()["running"] == 0
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_generation(random_server):
+    """The server counts a generation as cancelled only when it ended before max_tokens and
+    without the end-of-turn token, i.e. when the disconnect stopped it."""
+    before = random_server.health()
+    with random_server.client().chat.completions.create(model="m", messages=QUESTION, max_tokens=2000, temperature=0,
+                                                        stream=True) as stream:
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+    deadline = time.monotonic() + 30
+    while (health := random_server.health())["cancelled"] == before["cancelled"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert health["cancelled"] == before["cancelled"] + 1 and health["finished"] == before["finished"]
+    assert health["completion_tokens"] - before["completion_tokens"] < 2000
+    assert health["running"] == 0
+
+
+# --- the context --------------------------------------------------------------------------------
+
+def test_long_conversations_lose_whole_old_turns(random_server, tokenizer):
+    """The tiny model has 2048 positions: twelve ~280-token turns do not fit, so the oldest whole
+    turns go and the prompt is exactly system + the last k turns + the question."""
+    turns = [[{"role": "user", "content": f"第{i}个问题：" + "天空为什么是蓝色的？" * 25},
+              {"role": "assistant", "content": f"第{i}个回答：" + "因为瑞利散射。" * 30}] for i in range(12)]
+    question = [{"role": "user", "content": "最后一个问题？"}]
+    messages = [message for turn in turns for message in turn] + question
+    reply = random_server.client().chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+    kept = {prompt_tokens(tokenizer, [m for turn in turns[k:] for m in turn] + question): 12 - k for k in range(13)}
+    assert reply.usage.prompt_tokens in kept and 0 < kept[reply.usage.prompt_tokens] < 12
+    assert reply.usage.prompt_tokens + 8 <= 2048
+
+
+def test_a_last_turn_longer_than_the_context_is_refused(random_server):
+    status, body = random_server.post({"messages": [{"role": "user", "content": "apple banana cherry " * 1000}],
+                                       "max_tokens": 8})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded" and body["error"]["param"] == "messages"
+    assert "2048" in body["error"]["message"]
+    status, body = random_server.post({"messages": QUESTION, "max_tokens": 4096})
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+
+
+# --- bad requests -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "m"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hello"}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user"}]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
+    ({"messages": QUESTION, "max_tokens": -1}, "max_tokens"),
+    ({"messages": QUESTION, "max_tokens": "12"}, "max_tokens"),
+    ({"messages": QUESTION, "temperature": "hot"}, "temperature"),
+    ({"messages": QUESTION, "stream": "yes"}, "stream"),
+    ({"messages": QUESTION, "stop": 7}, "stop"),
+    ({"messages": QUESTION, "n": 2}, "n"),
+])
+def test_bad_requests_get_a_400_with_an_openai_error_body(random_server, body, param):
+    status, answer = random_server.post(body)
+    assert status == 400
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+    assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["param"] == param
+    assert answer["error"]["message"]
+
+
+def test_errors_reach_the_openai_client_and_unknown_fields_pass(random_server):
+    client = random_server.client()
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="m", messages=[{"role": "robot", "content": "hi"}])
+    assert raised.value.status_code == 400 and raised.value.param == "messages[0].role"
+    status, answer = random_server.post(b'{"messages": [')
+    assert status == 400 and "JSON" in answer["error"]["message"]
+    reply = client.chat.completions.create(model="m", messages=QUESTION, max_tokens=2, temperature=0, user="me",
+                                           presence_penalty=0.0, extra_body={"a_field_we_do_not_know": 1})
+    assert reply.choices[0].finish_reason == "length"
+
+
+# --- reasoning and tool calls -------------------------------------------------------------------
+
+def test_think_block_and_tool_call_come_back_parsed(scripted_server):
+    reply = scripted_server.client().chat.completions.create(model="m", messages=WEATHER_QUESTION, tools=WEATHER_TOOLS,
+                                                             max_tokens=100, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.reasoning_content == "I call the tool." and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_think_block_and_tool_call_stream_parsed(scripted_server):
+    chunks = list(scripted_server.client().chat.completions.create(
+        model="m", messages=WEATHER_QUESTION, tools=WEATHER_TOOLS, max_tokens=100, temperature=0, stream=True))
+    deltas = [chunk.choices[0].delta for chunk in chunks]
+    assert "".join(getattr(delta, "reasoning_content", None) or "" for delta in deltas) == "I call the tool."
+    assert "".join(delta.content or "" for delta in deltas) == ""
+    [call] = [call for delta in deltas for call in delta.tool_calls or []]
+    assert call.index == 0 and call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_results_and_thinking_switch_render_through_the_template(scripted_server, tokenizer):
+    client = scripted_server.client()
+    follow_up = WEATHER_QUESTION + [
+        {"role": "assistant", "content": None, "reasoning_content": "I call the tool.",
+         "tool_calls": [{"id": "call_1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'}]
+    reply = client.chat.completions.create(model="m", messages=follow_up, tools=WEATHER_TOOLS, max_tokens=2, temperature=0)
+    as_template_reads_it = [dict(m, content=m["content"] or "") for m in follow_up]
+    assert reply.usage.prompt_tokens == prompt_tokens(tokenizer, as_template_reads_it, tools=WEATHER_TOOLS)
+    reply = client.chat.completions.create(model="m", messages=WEATHER_QUESTION, max_tokens=2, temperature=0,
+                                           extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert reply.usage.prompt_tokens == prompt_tokens(tokenizer, WEATHER_QUESTION, enable_thinking=False)
+
+
+def events_of(text: str, pieces: list[str], **settings) -> list[tuple[str, str]]:
+    """The parser's events for `pieces`, consecutive texts of a kind joined, tool calls without their random id."""
+    parser, events = ReplyParser(**settings), []
+    for piece in pieces:
+        events += parser.feed(piece)
+    events += parser.finish()
+    merged = []
+    for kind, value in events:
+        value = json.dumps({k: v for k, v in value.items() if k != "id"}) if kind == "tool_call" else value
+        if merged and merged[-1][0] == kind == "content" or merged and merged[-1][0] == kind == "reasoning":
+            merged[-1] = (kind, merged[-1][1] + value)
+        else:
+            merged.append((kind, value))
+    return merged
+
+
+CALL_JSON = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+PARSED_CALL = json.dumps({"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}})
+
+
+@pytest.mark.parametrize("text, settings, expected", [
+    ("Hello <b>world</b>", {}, [("content", "Hello <b>world</b>")]),
+    ("<think>\nsome thought\n</think>\n\nThe answer.", {}, [("reasoning", "some thought"), ("content", "The answer.")]),
+    ("some thought\n</think>\n\nThe answer.", {"starts_thinking": True}, [("reasoning", "some thought"), ("content", "The answer.")]),
+    (f"<think>\nr\n</think>\n\n<tool_call>\n{CALL_JSON}\n</tool_call>", {}, [("reasoning", "r"), ("content", f"<tool_call>\n{CALL_JSON}\n</tool_call>")]),
+    (f"<think>\nr\n</think>\n\n<tool_call>\n{CALL_JSON}\n</tool_call>", {"parse_tools": True}, [("reasoning", "r"), ("tool_call", PARSED_CALL)]),
+    (f"Let me look.\n<tool_call>\n{CALL_JSON}\n</tool_call>\n<tool_call>\n{CALL_JSON}\n</tool_call>", {"parse_tools": True},
+     [("content", "Let me look."), ("tool_call", PARSED_CALL), ("tool_call", PARSED_CALL)]),
+    ("<tool_call>\nnot json\n</tool_call> ok", {"parse_tools": True}, [("content", "<tool_call>\nnot json\n</tool_call> ok")]),
+    ('<tool_call>\n{"name": "get_wea', {"parse_tools": True}, [("content", '<tool_call>\n{"name": "get_wea')]),
+    ("<think>\ncut off while thinking\n", {}, [("reasoning", "cut off while thinking")]),
+    ("ends with the start of a tag <thi", {"parse_tools": True}, [("content", "ends with the start of a tag <thi")]),
+])
+def test_reply_parser_piece_by_piece_equals_whole(text, settings, expected):
+    settings = {"parse_tools": False, **settings}
+    assert events_of(text, [text], **settings) == expected
+    assert events_of(text, list(text), **settings) == expected
+    assert events_of(text, [text[i:i + 3] for i in range(0, len(text), 3)], **settings) == expected
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "assistant", "content": "Plain answer."},
+    {"role": "assistant", "content": "Answer after thought.", "reasoning_content": "Thought."},
+    {"role": "assistant", "content": "Calling.", "reasoning_content": "Need data.",
+     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+])
+def test_reply_parser_reads_back_what_the_chat_template_writes(tokenizer, message):
+    """The template is the format's definition: an assistant message rendered by it parses back to itself."""
+    rendered = tokenizer.apply_chat_template([QUESTION[0], message], tools=WEATHER_TOOLS, tokenize=False)
+    reply = rendered.split("<|im_start|>assistant\n")[-1].removesuffix("<|im_end|>\n")
+    expected = ([("reasoning", message["reasoning_content"])] if "reasoning_content" in message else []) \
+        + [("content", message["content"])] + [("tool_call", PARSED_CALL)] * len(message.get("tool_calls", []))
+    assert events_of(reply, list(reply), parse_tools=True) == expected
+
+
+def test_admission_bounds_running_and_waiting_requests():
+    async def scenario():
+        admission = Admission(max_running=1, max_waiting=1)
+        first, second = admission.admit(), admission.admit()
+        with pytest.raises(ApiError) as refused:
+            admission.admit()
+        assert refused.value.status == 503 and refused.value.body["code"] == "server_overloaded"
+        await first.enter()
+        waiting = asyncio.create_task(second.enter())
+        await asyncio.sleep(0.01)
+        assert not waiting.done() and (admission.running, admission.waiting) == (1, 1)
+        first.leave()
+        await asyncio.wait_for(waiting, 1)
+        second.abandon()  # running: abandoning leaves it to its generation
+        assert admission.running == 1
+        second.leave()
+        assert (admission.running, admission.waiting, admission.admitted) == (0, 0, 0)
+
+    asyncio.run(scenario())
+
+
+# --- other models, curl, the client, --help -----------------------------------------------------
+
+def test_a_qwen2_directory_is_served(qwen2_server, tokenizer):
+    client = qwen2_server.client()
+    assert [model.id for model in client.models.list().data] == ["tiny-qwen2"]
+    reply = client.chat.completions.create(model="tiny-qwen2", messages=QUESTION, max_tokens=6, temperature=0)
+    assert isinstance(reply.choices[0].message.content, str) and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens == prompt_tokens(tokenizer, QUESTION)
+
+
+def test_the_readme_curl_examples_work(random_server):
+    request = '{"model": "minimind", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 64}'
+    answer = subprocess.run(["curl", "-s", f"{random_server.base_url}/chat/completions", "-H", "Content-Type: application/json",
+                             "-d", request], capture_output=True, text=True, timeout=60)
+    reply = json.loads(answer.stdout)
+    assert reply["object"] == "chat.completion" and isinstance(reply["choices"][0]["message"]["content"], str)
+    streaming = request.replace('"max_tokens": 64', '"max_tokens": 8, "stream": true')
+    answer = subprocess.run(["curl", "-sN", f"{random_server.base_url}/chat/completions", "-H",
+                             "Content-Type: application/json", "-d", streaming], capture_output=True, text=True, timeout=60)
+    events = answer.stdout.split("\n\n")
+    assert events[0].startswith("data: {") and events[-2:] == ["data: [DONE]", ""]
+    assert json.loads(events[-3].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+
+
+def test_the_chat_client_keeps_a_conversation(random_server):
+    result = subprocess.run([sys.executable, str(CHAT), "--base_url", random_server.base_url, "--max_tokens", "6",
+                             "--temperature", "0"], input="你好\n\n再见\n", capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("🤖: ") == 2 and result.stdout.count("👶: ") == 4
+
+
+@pytest.mark.parametrize("script, flag", [(serve_openai_api, "--max_concurrency"), (chat_openai_api, "--base_url")])
+def test_help(script, flag, capsys):
+    with pytest.raises(SystemExit) as exited:
+        script.parse_args(["--help"])
+    assert exited.value.code == 0 and flag in capsys.readouterr().out
