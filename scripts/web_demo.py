@@ -244,21 +244,27 @@ def clear_chat() -> None:
     st.session_state.pending_reply = False
 
 
-def show_conversation(pending: bool) -> None:
-    """Each exchange with its buttons; the exchange still waiting for its answer gets none yet."""
+def turn_buttons(index: int, last: bool) -> None:
+    row = st.container(horizontal=True)
+    row.button("Delete", key=f"delete_{index}", icon=":material/delete:", type="tertiary",
+               help="Remove this question and its answer", on_click=delete_turn, args=(index,))
+    if last:
+        row.button("Regenerate", key="regenerate", icon=":material/refresh:", type="tertiary",
+                   help="Answer the last question again", on_click=regenerate)
+
+
+def show_conversation(pending: bool) -> int:
+    """Each exchange with its buttons, except the one still waiting for its answer. Returns how
+    many exchanges there are."""
     _, turns = split_turns(st.session_state.messages)
     for index, turn in enumerate(turns):
         for message in turn:
             with st.chat_message(message["role"]):
                 show_message(message)
-        if pending and index == len(turns) - 1:
-            continue
-        buttons = st.container(horizontal=True)
-        buttons.button("Delete", key=f"delete_{index}", icon=":material/delete:", type="tertiary",
-                       help="Remove this question and its answer", on_click=delete_turn, args=(index,))
-        if index == len(turns) - 1:
-            buttons.button("Regenerate", key="regenerate", icon=":material/refresh:", type="tertiary",
-                           help="Answer the last question again", on_click=regenerate)
+        last = index == len(turns) - 1
+        if not (pending and last):
+            turn_buttons(index, last)
+    return len(turns)
 
 
 def stream_answer(replies: Iterator[tuple[str, str]]) -> None:
@@ -314,7 +320,7 @@ def app(args: argparse.Namespace) -> None:
         st.session_state.messages.append({"role": "user", "content": prompt})
         st.session_state.pending_reply = True
     pending = st.session_state.pending_reply and problem is None
-    show_conversation(pending)
+    turns = show_conversation(pending)
     if not pending:
         return
     st.session_state.pending_reply = False
@@ -324,6 +330,7 @@ def app(args: argparse.Namespace) -> None:
                       else api_reply(conversation, settings))
     except (PromptTooLong, ValueError) as error:  # too long even alone, no room for an answer, API failed
         st.error(str(error))
+        turn_buttons(turns - 1, last=True)  # to delete the question, or try again
         return
     st.rerun()  # draw the finished exchange with its buttons
 

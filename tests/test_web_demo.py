@@ -136,6 +136,15 @@ def test_a_transformers_qwen2_chat_model_answers(monkeypatch, qwen_dir):
     assert page.session_state["messages"][-1]["content"].strip()
 
 
+def test_a_reply_that_cannot_fit_says_why_and_keeps_the_question(monkeypatch, qwen_dir):
+    page = start_page(monkeypatch, "--load_from", str(qwen_dir), "--max_new_tokens", "512")  # its context: 512
+    ask(page, "hello")
+    assert not page.exception
+    assert "no room for a prompt" in page.error[0].value
+    assert page.session_state["messages"] == [{"role": "user", "content": "hello"}]
+    assert page.button(key="regenerate") and page.button(key="delete_0")  # lower the limit and retry, or delete
+
+
 def test_help_runs_from_any_directory(tmp_path):
     result = subprocess.run([sys.executable, str(WEB_DEMO), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
