@@ -230,6 +230,8 @@ def test_answer_is_transformers_greedy_answer_with_its_token_counts(random_serve
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 24
     assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion" and reply.model == "full_sft_64"
     assert abs(reply.created - time.time()) < 600
+    newer_name = random_server.client().chat.completions.create(model="m", messages=QUESTION, max_completion_tokens=5, temperature=0)
+    assert newer_name.usage.completion_tokens == 5 and newer_name.choices[0].finish_reason == "length"
 
 
 def test_stream_gives_the_same_answer_in_chunks_of_one_id(random_server):
