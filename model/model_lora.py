@@ -90,8 +90,8 @@ class LoRALinear(nn.Linear):
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear with W + (alpha / r) B A: the adapter merged in."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        with torch.no_grad():
-            self.weight += self.lora.delta_weight().to(self.weight.dtype)
+        with torch.no_grad():  # the sum in fp32, rounded once to the weight's dtype
+            self.weight.copy_(self.weight.float() + self.lora.delta_weight())
         linear.weight, linear.bias = self.weight, self.bias
         return linear
 
@@ -208,13 +208,13 @@ def load_lora(model: nn.Module, source: str | Path) -> LoRAConfig:
     return config
 
 
-def export_peft(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None) -> None:
-    """Write the adapters as PEFT does: `adapter_config.json` + `adapter_model.safetensors`."""
+def write_peft(state: dict[str, torch.Tensor], config: LoRAConfig, directory: str | Path) -> None:
+    """Adapter tensors (our key names, as `lora_state_dict` or `read_lora` give them) written as PEFT
+    writes them: `adapter_config.json` + `adapter_model.safetensors`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config: LoRAConfig = model.lora_config
     peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
         "target_modules": list(config.targets), "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
@@ -222,7 +222,7 @@ def export_peft(model: nn.Module, directory: str | Path, base_model_name_or_path
     }
     (directory / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2), encoding="utf-8")
     tensors = {PEFT_PREFIX + key.replace(".lora.A.", ".lora_A.").replace(".lora.B.", ".lora_B."):
-               tensor.contiguous() for key, tensor in lora_state_dict(model).items()}
+               tensor.contiguous() for key, tensor in state.items()}
     save_file(tensors, str(directory / PEFT_WEIGHTS), metadata={"format": "pt"})
 
 

@@ -5,6 +5,8 @@
     python scripts/convert_model.py out/full_sft_768.pth hf/minimind3-qwen3 --to qwen3   # plain Qwen3ForCausalLM
     python scripts/convert_model.py hf/minimind2-llama out/full_sft_768.pth              # back to .pth + .json sidecar
     python scripts/convert_model.py MiniMind2.pth hf/MiniMind2 --preset minimind2        # a .pth without sidecar
+    python scripts/convert_model.py out/full_sft_512.pth out/identity_512.pth --to pth --merge_lora lora_identity
+    python scripts/convert_model.py out/lora/lora_identity_512.pth hf/lora_identity --to peft  # a LoRA adapter for PEFT
 
 The source is a `.pth` (its config from the `<stem>.json` sidecar, else from --preset or the size
 flags) or an HF directory: ours, a released MiniMind2 / minimind-3 one, or a Llama / Qwen3 one this
@@ -19,6 +21,12 @@ script wrote. `--to` picks what is written; it defaults to `hf` for a `.pth` and
   state-dict names are already Llama's / Qwen3's, so only the config is translated; YaRN
   (`inference_rope_scaling`) becomes `rope_parameters = {"rope_type": "yarn", ...}`.
 * `pth`: the trainers' format, a state dict plus the config as `<stem>.json`.
+* `peft`: the source is a LoRA adapter (`out/lora/<name>_<hidden>.pth` from trainer/train_lora.py, or
+  the original's), written as PEFT's `adapter_config.json` + `adapter_model.safetensors`, for
+  `PeftModel.from_pretrained(base, dir)` on the `hf` / `llama` / `qwen3` directory of its base model.
+
+`--merge_lora` adds a LoRA adapter into the weights before they are written (W + alpha/r * B A): one
+model that answers as base + adapter, at the base model's speed, loadable where adapters are not.
 
 Every HF directory gets the tokenizer (bundled `model/`, or --tokenizer_path) with its chat template,
 and a `generation_config.json` (bos 1, eos 2, pad 0; sampling at temperature 0.85, top-p 0.85, as
@@ -40,9 +48,10 @@ from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, Pretr
                           Qwen3Config, Qwen3ForCausalLM)
 
 from model import loader
+from model.model_lora import read_lora, write_peft
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 
-TARGETS = ("hf", "llama", "qwen3", "pth")
+TARGETS = ("hf", "llama", "qwen3", "pth", "peft")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 # Sampling defaults written into generation_config.json: those of eval_llm.py and the web demo.
 SAMPLING = dict(do_sample=True, temperature=0.85, top_p=0.85, max_new_tokens=512)
@@ -193,14 +202,23 @@ def write_pth(model: MiniMindForCausalLM, path: Path, dtype: torch.dtype) -> Non
 
 def convert(source: Path, output: Path, target: str | None = None, dtype: str = "auto", *,
             fallback: MiniMindConfig | None = None, inference_rope_scaling: bool = False,
-            tokenizer_path: str | None = None) -> list[Path]:
-    """Convert `source` (a .pth or an HF directory) into `output`; returns the files written."""
+            tokenizer_path: str | None = None, merge_lora: str | None = None) -> list[Path]:
+    """Convert `source` (a .pth or an HF directory) into `output`, with the LoRA adapter
+    `merge_lora` merged in if given; returns the files written. With `target` "peft", `source` is
+    a LoRA adapter."""
     target = target or ("pth" if source.is_dir() else "hf")
     if target == "pth" and output.suffix != ".pth":
         raise ValueError(f"--to pth writes a .pth file, not {output}")
     if target != "pth" and (output.suffix == ".pth" or output.is_file()):
         raise ValueError(f"--to {target} writes a directory, not the file {output}")
+    if target == "peft":
+        if merge_lora:
+            raise ValueError("--to peft converts an adapter and --merge_lora merges one into a model: use one of them")
+        write_peft(*read_lora(source), output)
+        return sorted(output.iterdir())
     model, stored = read_source(source, fallback or MiniMindConfig(), inference_rope_scaling)
+    if merge_lora:
+        model = loader.merge_lora_weight(model, merge_lora)
     check_layout(model.config, target)  # before any file is written
     torch_dtype = stored if dtype == "auto" else getattr(torch, dtype)
     if target == "pth":
@@ -224,7 +242,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("output", help="the HF directory to write, or the .pth file (with --to pth)")
     parser.add_argument("--to", choices=TARGETS, default=None,
                         help="hf = MiniMindForCausalLM (trust_remote_code), llama / qwen3 = transformers' own classes, "
-                             "pth = native weights (default: hf for a .pth source, pth for a directory)")
+                             "pth = native weights, peft = a LoRA adapter source in PEFT's format "
+                             "(default: hf for a .pth source, pth for a directory)")
+    parser.add_argument("--merge_lora", default=None, metavar="ADAPTER",
+                        help="merge this LoRA adapter into the weights written: a name in out/lora (lora_identity), "
+                             "a .pth from trainer/train_lora.py (or the original's), or a PEFT adapter directory")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="precision of the written weights; auto = as stored in the source, i.e. lossless (default)")
     parser.add_argument("--tokenizer_path", default=None, help="HF tokenizer directory to bundle (default: <repo>/model)")
@@ -246,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     fallback = loader.size_config(args.hidden_size, args.num_hidden_layers, bool(args.use_moe), args.preset)
     try:
         files = convert(source, output, args.to, args.dtype, fallback=fallback,
-                        inference_rope_scaling=args.inference_rope_scaling, tokenizer_path=args.tokenizer_path)
+                        inference_rope_scaling=args.inference_rope_scaling, tokenizer_path=args.tokenizer_path,
+                        merge_lora=args.merge_lora)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     print(f"converted {source} -> {output}")

@@ -8,12 +8,14 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaForCausalLM
 
 from conftest import assert_ranks_in_sync, kill_then_resume, losses, run_trainer, tiny_flags, torchrun
 from model.loader import add_model_args, load_from_args, load_model_and_tokenizer, load_pth
-from model.model_lora import (LoRAConfig, apply_lora, export_peft, load_lora, lora_layers, lora_state_dict,
-                              merged_copy)
+from model.model_lora import (LoRAConfig, apply_lora, load_lora, lora_layers, lora_state_dict, merged_copy,
+                              write_peft)
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+from scripts import convert_model
 from trainer.engine import save_weights
 
 IDS = torch.randint(3, 6400, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -95,7 +97,7 @@ def test_an_adapter_file_of_the_original_minimind_loads(tmp_path):
 
 def test_peft_loads_our_export_with_the_same_logits(tmp_path):
     model = adapted_model()
-    export_peft(model, tmp_path / "adapter")
+    write_peft(lora_state_dict(model), model.lora_config, tmp_path / "adapter")
     peft_model = PeftModel.from_pretrained(base_model(), str(tmp_path / "adapter")).eval()
     assert relative_diff(logits(peft_model), logits(model)) <= 1e-5
 
@@ -163,6 +165,23 @@ def test_lora_weight_flag_merges_the_adapter_into_the_loaded_model(trained, base
     by_path, _ = load_model_and_tokenizer(str(base_weights), lora_weight=str(trained / "out" / "lora" / "lora_identity_64.pth"),
                                           device="cpu", dtype="float32")
     assert torch.equal(logits(by_path), logits(model))
+
+
+def test_convert_model_merges_an_adapter_and_exports_it_for_peft(trained, base_weights, tmp_path):
+    adapter = trained / "out" / "lora" / "lora_identity_64.pth"
+    reference = load_pth(base_weights, MiniMindConfig(**PRESETS["tiny"])).eval()
+    load_lora(reference, adapter)
+    # --merge_lora: the written .pth holds W + alpha/r * B A, rounded once to the stored fp16.
+    convert_model.main([str(base_weights), str(tmp_path / "merged_64.pth"), "--to", "pth", "--merge_lora", str(adapter)])
+    written = torch.load(tmp_path / "merged_64.pth", weights_only=True)
+    expected = {key: tensor.half() for key, tensor in merged_copy(reference).state_dict().items()}
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+    # --to peft, on transformers' own Llama converted from the base: PEFT gives our adapter's logits.
+    convert_model.main([str(base_weights), str(tmp_path / "llama"), "--to", "llama"])
+    convert_model.main([str(adapter), str(tmp_path / "adapter"), "--to", "peft"])
+    llama = LlamaForCausalLM.from_pretrained(str(tmp_path / "llama"), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(llama, str(tmp_path / "adapter")).eval()
+    assert relative_diff(logits(peft_model), logits(reference)) <= 1e-5
 
 
 def test_sigkill_then_resume_continues_exactly(trained, small_data, base_weights, tmp_path):
