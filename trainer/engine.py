@@ -283,7 +283,11 @@ def load_model(args: argparse.Namespace, runtime: Runtime, name: str | None = No
     name = args.from_weight if name is None else name
     config = config or model_config(args)
     if name == "none":
-        model = MiniMindForCausalLM(config)
+        # The same initial weights on every rank (each rank's RNG is seeded apart): a frozen copy taken
+        # before DDP broadcasts rank 0's weights (a DPO reference) must match them too.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            model = MiniMindForCausalLM(config)
     else:
         try:
             is_path = Path(name).suffix == ".pth" or loader.resolve_path(name).is_dir()

@@ -1,0 +1,137 @@
+"""DPO: the loss against TRL's, preferences learned, precomputed reference = live reference, torchrun, resume."""
+
+import json
+from argparse import Namespace
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import assert_ranks_in_sync, kill_then_resume, losses, run_trainer, tiny_flags, torchrun
+from dataset.lm_dataset import DPODataset
+from model.loader import load_tokenizer
+from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+from trainer.engine import Runtime
+from trainer.train_dpo import PairsWithReference, compute_reference_logps, preference_step
+
+trl = pytest.importorskip("trl")
+
+
+def tiny_model(seed: int) -> MiniMindForCausalLM:
+    torch.manual_seed(seed)
+    return MiniMindForCausalLM(MiniMindConfig(**PRESETS["tiny"]))
+
+
+def per_token_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    """log p of each labelled next token, 0 elsewhere: the `log_probs` TRL's fused LM head returns."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logps * (targets != -100)
+
+
+def trl_dpo(policy, reference, batch, beta: float, loss_type: str) -> tuple[float, dict]:
+    """TRL's own DPOTrainer loss code (`_compute_loss`) on the same pairs, with the model calls answered
+    by our models' per-token log-probs and the reference's log-probs passed as precomputed."""
+    input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    with torch.no_grad():
+        policy_logps = per_token_logps(policy, input_ids, attention_mask, labels)
+        ref_chosen, ref_rejected = per_token_logps(reference, input_ids, attention_mask, labels).sum(1).chunk(2)
+    zeros = torch.zeros_like(policy_logps)
+
+    def model(**kwargs):
+        return SimpleNamespace(log_probs=policy_logps, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+    metrics = {"train": defaultdict(list)}
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), beta=beta, loss_types=[loss_type], loss_weights=[1.0],
+        f_divergence_type="reverse_kl", ld_alpha=None, precompute_ref_logps=True, use_weighting=False,
+        aux_loss_enabled=False, label_smoothing=0.0, _metrics=metrics, _total_train_tokens=0, _tp_size=1,
+        accelerator=SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x))
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": (labels != -100).long(),
+              "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    loss = trl.DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    return float(loss), {key: values[0] for key, values in metrics["train"].items()}
+
+
+@pytest.fixture(scope="module")
+def pair_batch(small_data) -> dict:
+    pairs = DPODataset(small_data["dpo"], load_tokenizer("model"), max_length=64)
+    # Pairs of different lengths, so padding and the per-token (IPO) normalisation both matter.
+    return PairsWithReference.collate([pairs[i] for i in range(8)], 64, pairs.pad_token_id)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+def test_loss_rewards_and_margins_equal_trl(pair_batch, loss_type):
+    policy, reference = tiny_model(0), tiny_model(1).eval()
+    args = Namespace(beta=0.5, loss_type=loss_type, length_normalize=0)
+    ours = preference_step(policy, pair_batch, args, reference)
+    trl_loss, trl_metrics = trl_dpo(policy, reference, pair_batch, beta=0.5, loss_type=loss_type)
+    assert ours.count == 8 and pair_batch["loss_units"] == 8  # the engine averages per pair
+    assert ours.loss_sum.item() / ours.count == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)
+    for ours_key, trl_key in (("reward_chosen", "rewards/chosen"), ("reward_rejected", "rewards/rejected"),
+                              ("reward_margin", "rewards/margins"), ("reward_accuracy", "rewards/accuracies")):
+        assert ours.metrics[ours_key] == pytest.approx(trl_metrics[trl_key], rel=1e-5, abs=1e-6), ours_key
+    assert trl_metrics["rewards/margins"] != 0  # two different models: the test compares something
+
+
+def test_minimind_length_normalisation_is_trl_sigmoid_norm(pair_batch):
+    policy, reference = tiny_model(0), tiny_model(1).eval()
+    ours = preference_step(policy, pair_batch, Namespace(beta=0.5, loss_type="sigmoid", length_normalize=1), reference)
+    trl_loss, _ = trl_dpo(policy, reference, pair_batch, beta=0.5, loss_type="sigmoid_norm")
+    assert ours.loss_sum.item() / ours.count == pytest.approx(trl_loss, rel=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Tiny models run faster on one thread, and far faster when other processes share the CPUs."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def dpo_flags(out, data, *extra: str) -> list[str]:
+    # 32 pairs, 8 per step, 8 epochs: enough passes for a tiny random model to learn which side is preferred.
+    return tiny_flags(out, data, "--from_weight", "none", "--batch_size", "8", "--accumulation_steps", "1",
+                      "--learning_rate", "3e-3", "--beta", "0.5", *extra)
+
+
+def test_preferences_learned_precomputed_reference_and_exact_resume(small_data, tmp_path):
+    """One uninterrupted run with the reference model in memory; one with precomputed reference
+    log-probs, killed with -9 and resumed: every step's loss is the same (the precomputed table is
+    the live reference's numbers, and it is reloaded, not recomputed, on resume). Along the way the
+    preference accuracy on the training pairs rises."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(small_data["dpo"].read_text(encoding="utf-8").splitlines(keepends=True)[:32]), encoding="utf-8")
+    run_trainer("train_dpo.py", dpo_flags(tmp_path / "live", data, "--epochs", "8"))
+    records = [json.loads(line) for line in (tmp_path / "live" / "out" / "dpo_64.metrics.jsonl").open()]
+    expected = {r["step"]: r["loss"] for r in records}
+    assert len(expected) == 32
+    first, last = records[:8], records[-8:]
+    accuracy = [sum(r["reward_accuracy"] for r in part) / len(part) for part in (first, last)]
+    margin = [sum(r["reward_margin"] for r in part) / len(part) for part in (first, last)]
+    assert accuracy[1] >= accuracy[0] + 0.2 and accuracy[1] >= 0.8, accuracy
+    assert margin[1] > margin[0], margin
+    assert records[-1]["tokens"] > 0 and "reward_chosen" in records[-1] and "reward_rejected" in records[-1]
+
+    flags = dpo_flags(tmp_path / "killed", data, "--epochs", "8", "--precompute_ref", "1", "--save_interval", "1",
+                      "--from_resume", "1")
+    resumed = kill_then_resume("train_dpo.py", flags, tmp_path / "killed" / "out" / "dpo_64.metrics.jsonl", [11])
+    assert resumed.keys() == expected.keys()
+    for step, loss in expected.items():
+        assert abs(resumed[step] - loss) <= 1e-5, f"step {step}: {resumed[step]} vs {loss}"
+
+
+def test_torchrun_two_processes_with_precomputed_reference(small_data, tmp_path):
+    """Under torchrun each process scores half of the pairs; the assembled table is what one process
+    scores alone (`--from_weight none` starts every rank from the same seeded weights)."""
+    torchrun("train_dpo.py", dpo_flags(tmp_path, small_data["dpo"], "--precompute_ref", "1", "--max_steps", "3"))
+    assert_ranks_in_sync(tmp_path / "ckpt", "dpo_64")
+    assert max(losses(tmp_path / "out" / "dpo_64.metrics.jsonl")) == 3
+    table = torch.load(tmp_path / "ckpt" / "dpo_64_reference_logps.pth")["logps"]
+    pairs = DPODataset(small_data["dpo"], load_tokenizer("model"), max_length=64)
+    args = Namespace(batch_size=8, length_normalize=0)
+    expected = compute_reference_logps(tiny_model(seed=42), pairs, args, Runtime(torch.device("cpu"), torch.float32))
+    assert table.shape == (len(pairs), 2)
+    assert torch.allclose(table, expected, atol=1e-4)
