@@ -21,14 +21,14 @@ from trainer.engine import save_weights
 IDS = torch.randint(3, 6400, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-def base_model(seed: int = 0) -> MiniMindForCausalLM:
-    torch.manual_seed(seed)
-    return MiniMindForCausalLM(MiniMindConfig(**PRESETS["tiny"])).eval()
+def base_model(preset: str = "tiny") -> MiniMindForCausalLM:
+    torch.manual_seed(0)
+    return MiniMindForCausalLM(MiniMindConfig(**PRESETS[preset])).eval()
 
 
-def adapted_model(config: LoRAConfig = LoRAConfig(rank=4, alpha=8.0)) -> MiniMindForCausalLM:
+def adapted_model(config: LoRAConfig = LoRAConfig(rank=4, alpha=8.0), preset: str = "tiny") -> MiniMindForCausalLM:
     """The base model with adapters whose B is random, so that they change the logits."""
-    model = base_model()
+    model = base_model(preset)
     apply_lora(model, config)
     torch.manual_seed(2)
     for layer in lora_layers(model).values():
@@ -57,13 +57,14 @@ def test_zero_initialised_B_leaves_the_logits_unchanged():
     assert torch.equal(logits(model), expected)
 
 
-def test_merged_model_gives_the_adapters_logits():
-    model = adapted_model()
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])  # MoE: every expert's projections are adapted
+def test_merged_model_gives_the_adapters_logits(preset):
+    model = adapted_model(preset=preset)
     with_adapters = logits(model)
-    assert relative_diff(with_adapters, logits(base_model())) > 1e-2  # the adapters do change the model
+    assert relative_diff(with_adapters, logits(base_model(preset))) > 1e-2  # the adapters do change the model
     merged = merged_copy(model)
     assert relative_diff(logits(merged), with_adapters) <= 1e-5
-    assert merged.state_dict().keys() == base_model().state_dict().keys()  # plain layers again
+    assert merged.state_dict().keys() == base_model(preset).state_dict().keys()  # plain layers again
     assert lora_layers(model)  # the original keeps its adapters
 
 
