@@ -48,7 +48,7 @@ def main() -> None:
                                  log_interval=10, save_interval=100)
     engine.add_packing_flag(parser)
     lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora_name", dest="save_weight", default=argparse.SUPPRESS,
+    lora.add_argument("--lora_name", dest="save_weight", default=argparse.SUPPRESS, metavar="NAME",
                       help="the original's name for --save_weight: the adapter is <save_dir>/lora/<lora_name>_<hidden>.pth")
     lora.add_argument("--lora_rank", type=int, default=8, help="r: the rank of each update B A")
     lora.add_argument("--lora_alpha", type=float, default=8.0, help="the update is scaled by alpha / r (alpha = r: the original's scale 1)")
