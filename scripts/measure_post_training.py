@@ -1,0 +1,158 @@
+"""Do DPO, distillation and reasoning training do what they claim? Measured on the demo data from an SFT model.
+
+    python scripts/measure_post_training.py --sft_weight out/demo/full_sft_256.pth
+    python scripts/measure_post_training.py            # first runs scripts/demo_pipeline.py for the SFT model
+    python scripts/measure_post_training.py --quick    # tiny models, a few steps: checks the plumbing
+
+1. DPO (`trainer/train_dpo.py`, `dataset/demo/dpo.jsonl`) from the SFT model: the preference accuracy
+   (chosen reward > rejected reward) of the first and last tenth of its steps, and exact-match accuracy
+   on the held-out questions (`eval_llm.py --eval_file dataset/demo/eval.jsonl`, greedy) before and after.
+2. Distillation (`trainer/train_distillation.py`): a smaller student from random weights, once with the SFT
+   model as teacher (the original's alpha 0.5, T 1.5) and once with cross-entropy only (alpha 1), same
+   data, steps and seed; held-out loss (`eval_llm.py --ppl_file`) on the evaluation questions with their
+   reference answers, which no training file contains.
+3. Reasoning (`trainer/train_reason.py`, `dataset/demo/reason.jsonl`) from the DPO model: the share of
+   held-out questions answered with one well-formed `<think>...</think>` block followed by an answer when
+   thinking is on, and accuracy with thinking on and off.
+
+Each step runs the real script a user would run (printed before it starts). Writes
+`<out_dir>/post_training.json` and prints it as one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from scripts.bench_train import cpu_name
+from scripts.demo_pipeline import last_json, read_metrics, run
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "dataset" / "demo"
+THINK_THEN_ANSWER = re.compile(r"\s*<think>(?P<thought>.*?)</think>(?P<answer>.*)", re.DOTALL)
+
+
+def well_formed(reply: str) -> bool:
+    """One `<think>` block with something in it, closed, then a non-empty answer with no further tags."""
+    match = THINK_THEN_ANSWER.fullmatch(reply)
+    return bool(match and match["thought"].strip() and match["answer"].strip()
+                and "<think>" not in match["thought"] + match["answer"] and "</think>" not in match["answer"])
+
+
+def mean(records: list[dict], key: str) -> float:
+    return sum(r[key] for r in records) / max(len(records), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sft_weight", default=None, help="the SFT model (.pth with its .json sidecar); "
+                                                           "default: train one with scripts/demo_pipeline.py")
+    parser.add_argument("--out_dir", default=str(REPO / "out" / "post_training"))
+    parser.add_argument("--quick", action="store_true", help="tiny models, a few steps")
+    parser.add_argument("--dpo_learning_rate", type=float, default=2e-5)
+    parser.add_argument("--dpo_beta", type=float, default=0.1)
+    parser.add_argument("--student_hidden_size", type=int, default=128)
+    parser.add_argument("--student_num_layers", type=int, default=2)
+    parser.add_argument("--kd_steps", type=int, default=300)
+    parser.add_argument("--reason_epochs", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+    out = Path(args.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    python, start, timings = sys.executable, time.time(), {}
+
+    def stage_done(name: str, since: float) -> float:
+        timings[name] = round((time.time() - since) / 60, 1)
+        return time.time()
+
+    def trainer(script: str, *flags: str) -> None:
+        run([python, f"trainer/{script}", "--save_dir", str(out), "--checkpoint_dir", str(out / "checkpoints"),
+             "--device", args.device, "--dtype", args.dtype, "--log_interval", "5", "--save_interval", "100000",
+             "--accumulation_steps", "1", *(["--max_steps", "6"] if args.quick else []), *flags])
+
+    def evaluate(weights: Path, name: str, *flags: str) -> tuple[dict, list[str]]:
+        """`eval_llm.py`'s summary, and the replies when it answered questions."""
+        details = out / f"eval_{name}.json"
+        summary = last_json(run([python, "eval_llm.py", "--load_from", str(weights), "--device", args.device,
+                                 "--batch_size", "50", "--eval_out", str(details),
+                                 *(["--max_samples", "40"] if args.quick else []), *flags]))
+        return summary, [p["prediction"] for p in json.loads(details.read_text())["predictions"]]
+
+    def accuracy(weights: Path, name: str, max_new_tokens: int, *flags: str) -> tuple[dict, list[str]]:
+        return evaluate(weights, name, "--eval_file", str(DEMO / "eval.jsonl"), "--max_new_tokens", str(max_new_tokens), *flags)
+
+    since = time.time()
+    sft = Path(args.sft_weight).resolve() if args.sft_weight else None
+    if sft is None:
+        run([python, "scripts/demo_pipeline.py", "--out_dir", str(out / "demo"), "--images_dir", str(out / "images"),
+             "--device", args.device, "--dtype", args.dtype, *(["--quick"] if args.quick else [])])
+        sft = next((out / "demo").glob("full_sft_*.pth"))
+    sft_eval, _ = accuracy(sft, "sft", 16)
+    since = stage_done("sft", since)
+
+    # 1. DPO
+    trainer("train_dpo.py", "--from_weight", str(sft), "--batch_size", "16", "--max_seq_len", "128",
+            "--learning_rate", str(args.dpo_learning_rate), "--beta", str(args.dpo_beta), "--epochs", "1")
+    dpo = next(out.glob("dpo_*.pth"))
+    dpo_metrics = read_metrics(dpo.with_suffix(".metrics.jsonl"))
+    tenth = max(1, len(dpo_metrics) // 10)
+    dpo_eval, _ = accuracy(dpo, "dpo", 16)
+    since = stage_done("dpo", since)
+
+    # 2. Distillation: the same student with and without the teacher. The held-out conversations are the
+    # evaluation questions answered with their reference answers, as the SFT data answers such questions.
+    held_out = out / "held_out_answers.jsonl"
+    with open(DEMO / "eval.jsonl", encoding="utf-8") as questions, open(held_out, "w", encoding="utf-8") as answers:
+        for line in questions:
+            record = json.loads(line)
+            reply = {"role": "assistant", "content": str(record["answer"])}
+            answers.write(json.dumps({"conversations": record["conversations"] + [reply]}, ensure_ascii=False) + "\n")
+    student_size = ["--preset", "tiny"] if args.quick else ["--hidden_size", str(args.student_hidden_size),
+                                                             "--num_hidden_layers", str(args.student_num_layers)]
+    held_out_nll = {}
+    for name, alpha in (("kd", "0.5"), ("ce", "1.0")):
+        trainer("train_distillation.py", *student_size, "--from_weight", "none", "--teacher_weight", str(sft),
+                "--alpha", alpha, "--temperature", "1.5", "--save_weight", f"student_{name}", "--batch_size", "16",
+                "--max_seq_len", "128", "--learning_rate", "2e-3", "--warmup_steps", "20",
+                *([] if args.quick else ["--max_steps", str(args.kd_steps)]), "--epochs", "1")
+        student = next(out.glob(f"student_{name}_*.pth"))
+        held_out_nll[name] = evaluate(student, f"student_{name}", "--ppl_file", str(held_out), "--max_seq_len", "128")[0]["nll"]
+    held_out_nll["teacher"] = evaluate(sft, "teacher", "--ppl_file", str(held_out), "--max_seq_len", "128")[0]["nll"]
+    since = stage_done("distillation", since)
+
+    # 3. Reasoning
+    trainer("train_reason.py", "--from_weight", str(dpo), "--batch_size", "16", "--max_seq_len", "256",
+            "--learning_rate", "5e-4", "--warmup_steps", "10", "--epochs", str(args.reason_epochs))
+    reason = next(out.glob("reason_*.pth"))
+    thinking, replies_on = accuracy(reason, "reason_thinking_on", 192, "--open_thinking", "1")
+    no_thinking, replies_off = accuracy(reason, "reason_thinking_off", 32, "--open_thinking", "0")
+    stage_done("reason", since)
+
+    results = {
+        "cpu": cpu_name(), "minutes": round((time.time() - start) / 60, 1), "stage_minutes": timings,
+        "sft_weight": str(sft), "eval_questions": sft_eval["samples"],
+        "dpo": {"accuracy_sft": sft_eval["accuracy"], "accuracy_dpo": dpo_eval["accuracy"],
+                "steps": dpo_metrics[-1]["step"],
+                "preference_accuracy_first_tenth": mean(dpo_metrics[:tenth], "reward_accuracy"),
+                "preference_accuracy_last_tenth": mean(dpo_metrics[-tenth:], "reward_accuracy"),
+                "reward_margin_first_tenth": mean(dpo_metrics[:tenth], "reward_margin"),
+                "reward_margin_last_tenth": mean(dpo_metrics[-tenth:], "reward_margin"),
+                "learning_rate": args.dpo_learning_rate, "beta": args.dpo_beta},
+        "distillation": {"held_out_nll_kd": held_out_nll["kd"], "held_out_nll_ce_only": held_out_nll["ce"],
+                         "held_out_nll_teacher": held_out_nll["teacher"],
+                         "student": " ".join(student_size), "steps": 6 if args.quick else args.kd_steps},
+        "reason": {"well_formed_thinking_on": sum(map(well_formed, replies_on)) / len(replies_on),
+                   "accuracy_thinking_on": thinking["accuracy"], "accuracy_thinking_off": no_thinking["accuracy"],
+                   "think_block_in_reply_thinking_off": sum("<think>" in r for r in replies_off) / len(replies_off)},
+    }
+    (out / "post_training.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    print(json.dumps(results, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
