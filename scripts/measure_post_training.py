@@ -84,7 +84,8 @@ def main() -> None:
         return summary, [p["prediction"] for p in json.loads(details.read_text())["predictions"]]
 
     def accuracy(weights: Path, name: str, max_new_tokens: int, *flags: str) -> tuple[dict, list[str]]:
-        return evaluate(weights, name, "--eval_file", str(DEMO / "eval.jsonl"), "--max_new_tokens", str(max_new_tokens), *flags)
+        return evaluate(weights, name, "--eval_file", str(DEMO / "eval.jsonl"), "--max_new_tokens", str(max_new_tokens),
+                        *flags)
 
     since = time.time()
     sft = Path(args.sft_weight).resolve() if args.sft_weight else None
@@ -121,7 +122,8 @@ def main() -> None:
                 "--max_seq_len", "128", "--learning_rate", "2e-3", "--warmup_steps", "20",
                 *([] if args.quick else ["--max_steps", str(args.kd_steps)]), "--epochs", "1")
         student = next(out.glob(f"student_{name}_*.pth"))
-        held_out_nll[name] = evaluate(student, f"student_{name}", "--ppl_file", str(held_out), "--max_seq_len", "128")[0]["nll"]
+        held_out_nll[name] = evaluate(student, f"student_{name}", "--ppl_file", str(held_out),
+                                      "--max_seq_len", "128")[0]["nll"]
     held_out_nll["teacher"] = evaluate(sft, "teacher", "--ppl_file", str(held_out), "--max_seq_len", "128")[0]["nll"]
     since = stage_done("distillation", since)
 

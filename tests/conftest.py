@@ -90,3 +90,14 @@ def assert_ranks_in_sync(checkpoint_dir: Path, stem: str) -> None:
     for key, tensor in rank0["model"].items():
         assert torch.equal(tensor, rank1["model"][key]), f"{stem}: {key} differs between ranks"
     assert rank0["objects"]["data"] != rank1["objects"]["data"]
+
+
+def read_metrics(metrics: Path) -> list[dict]:
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line]
+
+
+def assert_same_losses(resumed: dict[int, float], expected: dict[int, float], tolerance: float = 1e-5) -> None:
+    """Every step of the interrupted run logged the uninterrupted run's loss (CONVENTIONS §4)."""
+    assert resumed.keys() == expected.keys()
+    for step, loss in expected.items():
+        assert abs(resumed[step] - loss) <= tolerance, f"step {step}: {resumed[step]} vs {loss}"

@@ -3,12 +3,12 @@ dense student, torchrun, exact resume. (KD beating CE on held-out loss needs a t
 scripts/measure_post_training.py, not here.)"""
 
 import copy
-import json
 
 import pytest
 import torch
 
-from conftest import assert_ranks_in_sync, kill_then_resume, run_trainer, tiny_flags, torchrun
+from conftest import (assert_ranks_in_sync, assert_same_losses, kill_then_resume, read_metrics, run_trainer,
+                      tiny_flags, torchrun)
 from dataset.lm_dataset import SFTDataset, pad_rows
 from model.loader import load_tokenizer
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
@@ -45,8 +45,9 @@ def test_kl_is_zero_when_the_student_is_the_teacher_and_alpha_mixes_ce_with_kl(s
     targets = sft_batch["labels"][:, 1:]
     learned = targets != -100
     with torch.no_grad():
-        log_p_student = (student(sft_batch["input_ids"], sft_batch["attention_mask"]).logits[:, :-1][learned] / 2).log_softmax(-1)
-        log_p_teacher = (teacher(sft_batch["input_ids"], sft_batch["attention_mask"]).logits[:, :-1][learned] / 2).log_softmax(-1)
+        log_p_student, log_p_teacher = (
+            (model(sft_batch["input_ids"], sft_batch["attention_mask"]).logits[:, :-1][learned] / 2).log_softmax(-1)
+            for model in (student, teacher))
     kl = 4 * (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum() / learned.sum()
     assert mixed.metrics["kl"] == pytest.approx(kl.item(), rel=1e-4)
     assert mixed.loss_sum.item() / mixed.count == pytest.approx(0.3 * mixed.metrics["ce"] + 0.7 * kl.item(), rel=1e-4)
@@ -66,16 +67,14 @@ def test_moe_teacher_dense_student_resumes_exactly_after_kill(small_data, tmp_pa
     flags = ["--from_weight", "none", "--teacher_weight", teacher, "--alpha", "0.5", "--temperature", "2",
              "--learning_rate", "1e-3", "--max_steps", "12"]
     run_trainer("train_distillation.py", tiny_flags(tmp_path / "reference", small_data["sft"], *flags))
-    records = [json.loads(line) for line in (tmp_path / "reference" / "out" / "full_dist_64.metrics.jsonl").open()]
+    records = read_metrics(tmp_path / "reference" / "out" / "full_dist_64.metrics.jsonl")
     expected = {r["step"]: r["loss"] for r in records}
     assert len(expected) == 12 and all(r["kl"] > 0 for r in records)
     killed = tmp_path / "killed"
     resumed = kill_then_resume("train_distillation.py",
                                tiny_flags(killed, small_data["sft"], *flags, "--save_interval", "1", "--from_resume", "1"),
                                killed / "out" / "full_dist_64.metrics.jsonl", [5])
-    assert resumed.keys() == expected.keys()
-    for step, loss in expected.items():
-        assert abs(resumed[step] - loss) <= 1e-5, f"step {step}: {resumed[step]} vs {loss}"
+    assert_same_losses(resumed, expected)
 
 
 def test_torchrun_two_processes_student_equal_to_teacher(small_data, tmp_path):
@@ -84,6 +83,6 @@ def test_torchrun_two_processes_student_equal_to_teacher(small_data, tmp_path):
     torchrun("train_distillation.py", tiny_flags(tmp_path, small_data["sft"], "--from_weight", teacher,
                                                  "--teacher_weight", teacher, "--max_steps", "3"))
     assert_ranks_in_sync(tmp_path / "ckpt", "full_dist_64")
-    records = [json.loads(line) for line in (tmp_path / "out" / "full_dist_64.metrics.jsonl").open()]
+    records = read_metrics(tmp_path / "out" / "full_dist_64.metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0]["kl"] == 0.0 and records[-1]["kl"] > 0

@@ -1,6 +1,5 @@
 """DPO: the loss against TRL's, preferences learned, precomputed reference = live reference, torchrun, resume."""
 
-import json
 from argparse import Namespace
 from collections import defaultdict
 from types import SimpleNamespace
@@ -8,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import assert_ranks_in_sync, kill_then_resume, losses, run_trainer, tiny_flags, torchrun
+from conftest import (assert_ranks_in_sync, assert_same_losses, kill_then_resume, losses, read_metrics,
+                      run_trainer, tiny_flags, torchrun)
 from dataset.lm_dataset import DPODataset
 from model.loader import load_tokenizer
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
@@ -105,7 +105,7 @@ def test_preferences_learned_precomputed_reference_and_exact_resume(small_data, 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(small_data["dpo"].read_text(encoding="utf-8").splitlines(keepends=True)[:32]), encoding="utf-8")
     run_trainer("train_dpo.py", dpo_flags(tmp_path / "live", data, "--epochs", "8"))
-    records = [json.loads(line) for line in (tmp_path / "live" / "out" / "dpo_64.metrics.jsonl").open()]
+    records = read_metrics(tmp_path / "live" / "out" / "dpo_64.metrics.jsonl")
     expected = {r["step"]: r["loss"] for r in records}
     assert len(expected) == 32
     first, last = records[:8], records[-8:]
@@ -118,9 +118,7 @@ def test_preferences_learned_precomputed_reference_and_exact_resume(small_data, 
     flags = dpo_flags(tmp_path / "killed", data, "--epochs", "8", "--precompute_ref", "1", "--save_interval", "1",
                       "--from_resume", "1")
     resumed = kill_then_resume("train_dpo.py", flags, tmp_path / "killed" / "out" / "dpo_64.metrics.jsonl", [11])
-    assert resumed.keys() == expected.keys()
-    for step, loss in expected.items():
-        assert abs(resumed[step] - loss) <= 1e-5, f"step {step}: {resumed[step]} vs {loss}"
+    assert_same_losses(resumed, expected)
 
 
 def test_torchrun_two_processes_with_precomputed_reference(small_data, tmp_path):

@@ -1,12 +1,12 @@
 """Reasoning: tag weighting touches only whole tags, weight 1 is SFT, the thinking switch's contract, torchrun,
 exact resume. (Well-formed <think> blocks from a trained model: scripts/measure_post_training.py.)"""
 
-import json
 
 import pytest
 import torch
 
-from conftest import assert_ranks_in_sync, kill_then_resume, run_trainer, tiny_flags, torchrun
+from conftest import (assert_ranks_in_sync, assert_same_losses, kill_then_resume, read_metrics, run_trainer,
+                      tiny_flags, torchrun)
 from dataset.lm_dataset import ChatEncoder, SFTDataset, pad_rows
 from model.loader import load_tokenizer
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
@@ -99,16 +99,14 @@ def reason_flags(out, data, *extra: str) -> list[str]:
 
 def test_resumes_exactly_after_kill(small_data, tmp_path):
     run_trainer("train_reason.py", reason_flags(tmp_path / "reference", small_data["reason"], "--max_steps", "12"))
-    records = [json.loads(line) for line in (tmp_path / "reference" / "out" / "reason_64.metrics.jsonl").open()]
+    records = read_metrics(tmp_path / "reference" / "out" / "reason_64.metrics.jsonl")
     expected = {r["step"]: r["loss"] for r in records}
     assert len(expected) == 12 and all(r["loss"] > r["ce"] for r in records)  # tags weigh 10x by default
     killed = tmp_path / "killed"
     resumed = kill_then_resume("train_reason.py", reason_flags(killed, small_data["reason"], "--max_steps", "12",
                                                                "--save_interval", "1", "--from_resume", "1"),
                                killed / "out" / "reason_64.metrics.jsonl", [5])
-    assert resumed.keys() == expected.keys()
-    for step, loss in expected.items():
-        assert abs(resumed[step] - loss) <= 1e-5, f"step {step}: {resumed[step]} vs {loss}"
+    assert_same_losses(resumed, expected)
 
 
 def test_torchrun_two_processes(small_data, tmp_path):
