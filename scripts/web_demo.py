@@ -74,9 +74,9 @@ def preferred_index(models: list[Path], args: argparse.Namespace) -> int:
 
 
 def load_options(args: argparse.Namespace) -> dict:
-    """The flags that shape how a path loads: sizes of a `.pth` without sidecar, tokenizer, device."""
+    """The flags that shape how a path loads: sizes of a `.pth` without sidecar, LoRA adapter, tokenizer, device."""
     return dict(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe),
-                preset=args.preset, inference_rope_scaling=args.inference_rope_scaling,
+                preset=args.preset, inference_rope_scaling=args.inference_rope_scaling, lora_weight=args.lora_weight,
                 tokenizer_path=args.tokenizer_path, device=args.device, dtype=args.dtype)
 
 
