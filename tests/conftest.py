@@ -101,3 +101,19 @@ def assert_same_losses(resumed: dict[int, float], expected: dict[int, float], to
     assert resumed.keys() == expected.keys()
     for step, loss in expected.items():
         assert abs(resumed[step] - loss) <= tolerance, f"step {step}: {resumed[step]} vs {loss}"
+
+
+def run_in_process(script: str, flags: list[str]) -> None:
+    """The trainer's `main()` in this process, on one thread like the subprocesses of tests that set
+    OMP_NUM_THREADS=1, so its losses match theirs exactly: an uninterrupted reference run without the
+    seconds of a fresh interpreter."""
+    import runpy
+    from unittest import mock
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with mock.patch.object(sys, "argv", [script, *flags]):
+            runpy.run_path(str(REPO / "trainer" / script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import (assert_ranks_in_sync, assert_same_losses, kill_then_resume, losses, read_metrics,
-                      run_trainer, tiny_flags, torchrun)
+                      run_in_process, tiny_flags, torchrun)
 from dataset.lm_dataset import DPODataset
 from model.loader import load_tokenizer
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
@@ -97,14 +97,19 @@ def dpo_flags(out, data, *extra: str) -> list[str]:
                       "--learning_rate", "3e-3", "--beta", "0.5", *extra)
 
 
+def first_pairs(small_data, path, count: int):
+    path.write_text("".join(small_data["dpo"].read_text(encoding="utf-8").splitlines(keepends=True)[:count]),
+                    encoding="utf-8")
+    return path
+
+
 def test_preferences_learned_precomputed_reference_and_exact_resume(small_data, tmp_path):
     """One uninterrupted run with the reference model in memory; one with precomputed reference
     log-probs, killed with -9 and resumed: every step's loss is the same (the precomputed table is
     the live reference's numbers, and it is reloaded, not recomputed, on resume). Along the way the
     preference accuracy on the training pairs rises."""
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(small_data["dpo"].read_text(encoding="utf-8").splitlines(keepends=True)[:32]), encoding="utf-8")
-    run_trainer("train_dpo.py", dpo_flags(tmp_path / "live", data, "--epochs", "8"))
+    data = first_pairs(small_data, tmp_path / "pairs.jsonl", 32)
+    run_in_process("train_dpo.py", dpo_flags(tmp_path / "live", data, "--epochs", "8"))
     records = read_metrics(tmp_path / "live" / "out" / "dpo_64.metrics.jsonl")
     expected = {r["step"]: r["loss"] for r in records}
     assert len(expected) == 32
@@ -124,11 +129,12 @@ def test_preferences_learned_precomputed_reference_and_exact_resume(small_data, 
 def test_torchrun_two_processes_with_precomputed_reference(small_data, tmp_path):
     """Under torchrun each process scores half of the pairs; the assembled table is what one process
     scores alone (`--from_weight none` starts every rank from the same seeded weights)."""
-    torchrun("train_dpo.py", dpo_flags(tmp_path, small_data["dpo"], "--precompute_ref", "1", "--max_steps", "3"))
+    data = first_pairs(small_data, tmp_path / "pairs.jsonl", 50)
+    torchrun("train_dpo.py", dpo_flags(tmp_path, data, "--precompute_ref", "1", "--max_steps", "3"))
     assert_ranks_in_sync(tmp_path / "ckpt", "dpo_64")
     assert max(losses(tmp_path / "out" / "dpo_64.metrics.jsonl")) == 3
     table = torch.load(tmp_path / "ckpt" / "dpo_64_reference_logps.pth")["logps"]
-    pairs = DPODataset(small_data["dpo"], load_tokenizer("model"), max_length=64)
+    pairs = DPODataset(data, load_tokenizer("model"), max_length=64)
     args = Namespace(batch_size=8, length_normalize=0)
     expected = compute_reference_logps(tiny_model(seed=42), pairs, args, Runtime(torch.device("cpu"), torch.float32))
     assert table.shape == (len(pairs), 2)

@@ -5,7 +5,7 @@ exact resume. (Well-formed <think> blocks from a trained model: scripts/measure_
 import pytest
 import torch
 
-from conftest import (assert_ranks_in_sync, assert_same_losses, kill_then_resume, read_metrics, run_trainer,
+from conftest import (assert_ranks_in_sync, assert_same_losses, kill_then_resume, read_metrics, run_in_process,
                       tiny_flags, torchrun)
 from dataset.lm_dataset import ChatEncoder, SFTDataset, pad_rows
 from model.loader import load_tokenizer
@@ -98,14 +98,14 @@ def reason_flags(out, data, *extra: str) -> list[str]:
 
 
 def test_resumes_exactly_after_kill(small_data, tmp_path):
-    run_trainer("train_reason.py", reason_flags(tmp_path / "reference", small_data["reason"], "--max_steps", "12"))
+    run_in_process("train_reason.py", reason_flags(tmp_path / "reference", small_data["reason"], "--max_steps", "8"))
     records = read_metrics(tmp_path / "reference" / "out" / "reason_64.metrics.jsonl")
     expected = {r["step"]: r["loss"] for r in records}
-    assert len(expected) == 12 and all(r["loss"] > r["ce"] for r in records)  # tags weigh 10x by default
+    assert len(expected) == 8 and all(r["loss"] > r["ce"] for r in records)  # tags weigh 10x by default
     killed = tmp_path / "killed"
-    resumed = kill_then_resume("train_reason.py", reason_flags(killed, small_data["reason"], "--max_steps", "12",
+    resumed = kill_then_resume("train_reason.py", reason_flags(killed, small_data["reason"], "--max_steps", "8",
                                                                "--save_interval", "1", "--from_resume", "1"),
-                               killed / "out" / "reason_64.metrics.jsonl", [5])
+                               killed / "out" / "reason_64.metrics.jsonl", [4])
     assert_same_losses(resumed, expected)
 
 

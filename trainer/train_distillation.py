@@ -91,7 +91,7 @@ def main() -> None:
     if teacher_model.config.vocab_size != student.config.vocab_size:
         raise SystemExit(f"error: the teacher's vocabulary ({teacher_model.config.vocab_size}) differs from the "
                          f"student's ({student.config.vocab_size}): distillation needs one tokenizer")
-    dataset = SFTDataset(str(data_path), tokenizer, max_length=args.max_seq_len)
+    dataset = engine.open_dataset(SFTDataset, data_path, tokenizer, args.max_seq_len, runtime)
     step = partial(distillation_step, teacher=teacher_model, temperature=args.temperature, alpha=args.alpha)
     engine.Trainer(args, runtime, student).fit(engine.lm_batches(args, runtime, dataset), step)
 

@@ -133,8 +133,7 @@ def compute_reference_logps(reference: torch.nn.Module, pairs: DPODataset, args,
     world_size-th pair; a sum over processes assembles the table."""
     table = torch.zeros(len(pairs), 2, dtype=torch.float64)
     mine = list(range(runtime.rank, len(pairs), runtime.world_size))
-    for start in tqdm(range(0, len(mine), args.batch_size), desc="reference log-probs",
-                             disable=not runtime.is_main):
+    for start in tqdm(range(0, len(mine), args.batch_size), desc="reference log-probs", disable=not runtime.is_main):
         indices = mine[start:start + args.batch_size]
         batch = pad_preference_pairs([pairs[i] for i in indices], pairs.pad_token_id)
         batch = {key: value.to(runtime.device) for key, value in batch.items()}
@@ -190,7 +189,7 @@ def main() -> None:
     runtime = engine.setup_runtime(args)
     tokenizer = engine.load_tokenizer(args.tokenizer_path)
     policy = engine.load_model(args, runtime)
-    pairs = DPODataset(str(data_path), tokenizer, max_length=args.max_seq_len)
+    pairs = engine.open_dataset(DPODataset, data_path, tokenizer, args.max_seq_len, runtime)
     reference_name = args.ref_weight or args.from_weight
     if args.precompute_ref:
         dataset = PairsWithReference(pairs, precomputed_reference(args, runtime, policy, pairs, data_path, reference_name))
