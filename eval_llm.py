@@ -19,7 +19,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from dataset.lm_dataset import JsonlFile, PretrainDataset, SFTDataset, check_prompt, pad_rows
 from dataset.tasks import is_correct
+from scripts.console import typed_questions
 from model.loader import (PromptTooLong, add_model_args, chat_stream, context_length, describe, fit_history,
                           generation_config, load_from_args, render_prompt, start_messages)
 
@@ -85,17 +86,6 @@ def enable_thinking(args: argparse.Namespace) -> bool | None:
 # ---------------------------------------------------------------------------------------------
 # Chat
 # ---------------------------------------------------------------------------------------------
-
-def typed_questions() -> Iterator[str]:
-    while True:
-        try:
-            question = input("👶: ").strip()
-        except EOFError:
-            print()
-            return
-        if question:
-            yield question
-
 
 def chat(args: argparse.Namespace, model, tokenizer, questions: Iterable[str], echo: bool) -> None:
     """Answer each question, streaming; earlier exchanges stay in the conversation as --historys says."""

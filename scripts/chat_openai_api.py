@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Iterator
 
 from openai import OpenAI, OpenAIError
+
+from scripts.console import typed_questions
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -36,17 +37,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="1 = ask for a <think> block, 0 = none (default: the model's chat template decides)")
     parser.add_argument("--stream", type=int, default=1, choices=[0, 1], help="1 = print the answer as it is written")
     return parser.parse_args(argv)
-
-
-def typed_questions() -> Iterator[str]:
-    while True:
-        try:
-            question = input("👶: ").strip()
-        except EOFError:
-            print()
-            return
-        if question:
-            yield question
 
 
 class Printer:

@@ -117,3 +117,22 @@ def run_in_process(script: str, flags: list[str]) -> None:
             runpy.run_path(str(REPO / "trainer" / script), run_name="__main__")
     finally:
         torch.set_num_threads(threads)
+
+
+def save_tiny_qwen2(directory: Path) -> Path:
+    """A non-MiniMind transformers chat model for the loader's "any causal LM" path: a random tiny
+    Qwen2 saved together with the bundled tokenizer (and its chat template) in `directory`."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(REPO / "model").save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory) -> Path:
+    return save_tiny_qwen2(tmp_path_factory.mktemp("qwen2"))

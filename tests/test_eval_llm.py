@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from model.loader import PromptTooLong, chat_stream, fit_history, load_model_and_tokenizer, render_prompt
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
@@ -50,19 +50,6 @@ def weights_dir(tmp_path_factory, tiny_model):
     """out/full_sft_64.pth + full_sft_64.json, written by the trainers' own saver."""
     directory = tmp_path_factory.mktemp("out")
     save_weights(tiny_model, directory / "full_sft_64.pth")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory, tokenizer):
-    """A non-MiniMind transformers chat model: random tiny Qwen2 + the bundled tokenizer, one directory."""
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    directory = tmp_path_factory.mktemp("qwen2")
-    Qwen2ForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
     return directory
 
 

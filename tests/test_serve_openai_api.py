@@ -19,12 +19,13 @@ import openai
 import pytest
 import torch
 from openai import AsyncOpenAI, OpenAI
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer
 
 from model.loader import load_model_and_tokenizer, render_prompt
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from scripts import chat_openai_api, serve_openai_api
 from scripts.serve_openai_api import Admission, ApiError, ReplyParser
+from conftest import save_tiny_qwen2
 from trainer.engine import save_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,16 +60,6 @@ def save_random_minimind(directory: Path) -> Path:
     torch.manual_seed(0)
     path = directory / "full_sft_64.pth"
     save_weights(MiniMindForCausalLM(MiniMindConfig(**PRESETS["tiny"], initializer_range=0.2)), path)
-    return path
-
-
-def save_qwen2(directory: Path, tokenizer) -> Path:
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    path = directory / "tiny-qwen2"
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
     return path
 
 
@@ -161,7 +152,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer):
     directory = tmp_path_factory.mktemp("served")
-    return {"random": save_random_minimind(directory), "qwen2": save_qwen2(directory, tokenizer)}
+    return {"random": save_random_minimind(directory), "qwen2": save_tiny_qwen2(directory / "tiny-qwen2")}
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from trainer.engine import save_weights
@@ -24,20 +23,6 @@ def weights_dir(tmp_path_factory):
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("out")
     save_weights(MiniMindForCausalLM(MiniMindConfig(**PRESETS["tiny"])), directory / "full_sft_64.pth")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    """A non-MiniMind transformers chat model: random tiny Qwen2 + the bundled tokenizer (and its chat
-    template), saved together in one directory."""
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    directory = tmp_path_factory.mktemp("qwen2")
-    Qwen2ForCausalLM(config).save_pretrained(directory)
-    AutoTokenizer.from_pretrained(REPO_ROOT / "model").save_pretrained(directory)
     return directory
 
 

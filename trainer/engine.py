@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from dataset.lm_dataset import PackedBatches
 from model import loader
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 
@@ -228,10 +229,8 @@ def open_dataset(dataset_class: type, data_path: Path, tokenizer, max_length: in
     return dataset
 
 
-def lm_batches(args: argparse.Namespace, runtime: Runtime, dataset) -> "PackedBatches":
+def lm_batches(args: argparse.Namespace, runtime: Runtime, dataset) -> PackedBatches:
     """Rows of `--max_seq_len` tokens for this process's share of the data, packed unless `--pack 0`."""
-    from dataset.lm_dataset import PackedBatches
-
     return PackedBatches(dataset, args.batch_size, args.max_seq_len, pack=bool(getattr(args, "pack", 0)),
                          seed=args.seed, rank=runtime.rank, world_size=runtime.world_size,
                          num_workers=args.num_workers)
