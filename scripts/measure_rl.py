@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from scripts.bench_train import cpu_name
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "dataset" / "demo"
 
@@ -96,20 +98,10 @@ def plot_rewards(records: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-STAGE_FLAGS = {  # what differs per stage; the rest is shared (see main)
-    "grpo": ["--num_generations", "4", "--beta", "0.02"],
-    "ppo": ["--ppo_epochs", "2", "--kl_coef", "0.02"],
-    "spo": [],
+STAGE_FLAGS = {  # what differs per stage; each samples 64 responses per rollout batch
+    "grpo": ["--batch_size", "8", "--num_generations", "8", "--beta", "0.02"],
+    "ppo": ["--batch_size", "64", "--ppo_epochs", "2", "--kl_coef", "0.02"],
+    "spo": ["--batch_size", "64"],
 }
 
 
@@ -123,10 +115,9 @@ def main() -> None:
     parser.add_argument("--eval_file", default=str(DEMO / "eval.jsonl"))
     parser.add_argument("--eval_samples", type=int, default=0, help="first N evaluation questions (0 = all)")
     parser.add_argument("--stages", nargs="+", default=["grpo", "ppo", "spo"], choices=list(STAGE_FLAGS))
-    parser.add_argument("--max_steps", type=int, default=60, help="optimizer steps per stage")
-    parser.add_argument("--batch_size", type=int, default=8, help="prompts per step (GRPO: times 4 responses)")
-    parser.add_argument("--learning_rate", type=float, default=2e-5)
-    parser.add_argument("--max_gen_len", type=int, default=32)
+    parser.add_argument("--max_steps", type=int, default=100, help="optimizer steps per stage")
+    parser.add_argument("--learning_rate", type=float, default=3e-4)
+    parser.add_argument("--max_gen_len", type=int, default=16, help="longest response (the demo answers are short)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--stage_timeout", type=float, default=900, help="seconds before a step is stopped")
     args = parser.parse_args()
@@ -139,16 +130,16 @@ def main() -> None:
         base = ["--from_weight", str(Path(args.base).resolve())]
     hidden = 64 if args.quick else json.loads(Path(args.base).with_suffix(".json").read_text())["hidden_size"]
 
-    results = {"cpu": cpu_model(), "base": "random tiny model" if args.quick else str(args.base),
+    results = {"cpu": cpu_name(), "base": "random tiny model" if args.quick else str(args.base),
                "data": str((DEMO / "rlaif.jsonl").relative_to(REPO)), "max_steps": args.max_steps,
-               "batch_size": args.batch_size, "learning_rate": args.learning_rate}
+               "learning_rate": args.learning_rate, "stage_flags": {s: STAGE_FLAGS[s] for s in args.stages}}
     if "grpo" in args.stages and not args.quick:
         results["accuracy_before"] = accuracy(Path(args.base), args)
     for stage in args.stages:
         start = time.time()
         run([sys.executable, f"trainer/train_{stage}.py", *base, "--data_path", str(DEMO / "rlaif.jsonl"),
              "--save_dir", str(out), "--checkpoint_dir", str(out / "checkpoints"), "--device", args.device,
-             "--max_steps", str(args.max_steps), "--batch_size", str(args.batch_size),
+             "--dtype", "float32", "--max_steps", str(args.max_steps),
              "--learning_rate", str(args.learning_rate), "--max_gen_len", str(args.max_gen_len),
              "--max_seq_len", "96", "--log_interval", "1", "--save_interval", str(args.max_steps),
              *STAGE_FLAGS[stage]], args.stage_timeout)

@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedTokenizerBase)
 
-from dataset.lm_dataset import IGNORE_INDEX, RLAIFDataset
+from dataset.lm_dataset import IGNORE_INDEX, PackedBatches, RLAIFDataset
 from dataset.tasks import THINK_CLOSE, THINK_OPEN, extract_answer, is_correct
 from model import loader
 from trainer import engine
@@ -58,8 +59,12 @@ def add_rl_args(parser: argparse.ArgumentParser, *, max_gen_len: int, ppo_epochs
     rollout.add_argument("--enable_thinking", type=int, default=None, choices=[0, 1],
                          help="passed to the chat template: 0 = the prompt ends with an empty <think> block "
                               "(default: the template's own choice)")
-    rollout.add_argument("--ppo_epochs", type=int, default=ppo_epochs,
-                         help="optimizer steps over each batch of rollouts; above 1 the ratio clip comes into play")
+    update = parser.add_argument_group("policy update")
+    update.add_argument("--ppo_epochs", type=int, default=ppo_epochs,
+                        help="optimizer steps over each batch of rollouts; above 1 the ratio clip comes into play")
+    update.add_argument("--epsilon", type=float, default=0.2, help="ratio clip below: 1 - eps")
+    update.add_argument("--epsilon_high", type=float, default=None,
+                        help="ratio clip above: 1 + eps_high (\"clip-higher\", DAPO: 0.28; default: --epsilon)")
 
     reward = parser.add_argument_group("reward (weighted sum of the components)")
     reward.add_argument("--answer_weight", type=float, default=1.0,
@@ -71,7 +76,8 @@ def add_rl_args(parser: argparse.ArgumentParser, *, max_gen_len: int, ppo_epochs
     reward.add_argument("--overlong_buffer", type=int, default=None,
                         help="tokens before --max_gen_len where the length penalty starts (default: a quarter of it)")
     reward.add_argument("--reward_model_path", default=None,
-                        help="HF sequence-classification (reward model) directory; its score is a reward component")
+                        help="HF reward-model directory (sequence classification, or a model shipping its own code, "
+                             "which is then trusted and run); its score is a reward component")
     reward.add_argument("--reward_model_weight", type=float, default=1.0)
     reward.add_argument("--reward_model_clip", type=float, default=3.0, help="reward-model scores are clipped to ±this")
 
@@ -79,17 +85,19 @@ def add_rl_args(parser: argparse.ArgumentParser, *, max_gen_len: int, ppo_epochs
 @dataclass
 class Setup:
     runtime: engine.Runtime
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     policy: torch.nn.Module
     reference: torch.nn.Module
     rewards: "Rewards"
-    batches: object
+    batches: PackedBatches
 
 
 def setup(args: argparse.Namespace) -> Setup:
     """Data, runtime, the policy (from `--from_weight`), its frozen copy as the KL reference, rewards."""
     if args.temperature <= 0:
         raise SystemExit("error: --temperature must be > 0 (RL samples; greedy decoding has no log-probs to compare)")
+    if args.epsilon_high is None:
+        args.epsilon_high = args.epsilon
     data_path = engine.resolve_data_path(args, "rlaif-mini.jsonl", "rlaif.jsonl")
     runtime = engine.setup_runtime(args)
     tokenizer = engine.load_tokenizer(args.tokenizer_path)
@@ -151,10 +159,11 @@ def sample(model: torch.nn.Module, tokenizer, batch: dict, args: argparse.Namesp
     text_lengths = response_mask.sum(-1) - is_stop.any(-1).long()  # the stop token itself is not text
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(responses.tolist(), text_lengths.tolist())],
                                    skip_special_tokens=True)
-    repeat = lambda values: [value for value in values for _ in range(num_generations)]  # noqa: E731
+    prompts = [prompt for prompt in batch["prompt"] for _ in range(num_generations)]
+    answers = [answer for answer in batch["answer"] for _ in range(num_generations)]
     return Rollout(input_ids=sequences, attention_mask=torch.cat([prompt_mask, response_mask], 1),
-                   response_mask=response_mask.float(), finished=is_stop.any(-1), prompts=repeat(batch["prompt"]),
-                   responses=texts, answers=repeat(batch["answer"]))
+                   response_mask=response_mask.float(), finished=is_stop.any(-1), prompts=prompts, responses=texts,
+                   answers=answers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +362,7 @@ class ModelReward:
         config = AutoConfig.from_pretrained(path, trust_remote_code=True)
         if any(name.endswith("ForSequenceClassification") for name in config.architectures or []) \
                 or not getattr(config, "auto_map", None):
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path)
         else:  # a reward model shipping its own code (InternLM2-Reward, ...)
             self.model = AutoModel.from_pretrained(path, trust_remote_code=True)
         self.model.to(device).eval().requires_grad_(False)

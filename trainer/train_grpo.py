@@ -82,21 +82,20 @@ def main() -> None:
     rl.add_rl_args(parser, max_gen_len=512, ppo_epochs=1)
     grpo = parser.add_argument_group("GRPO")
     grpo.add_argument("--num_generations", type=int, default=8, help="responses sampled per prompt (the group)")
-    grpo.add_argument("--loss_type", default="grpo", choices=["grpo", "cispo"])
-    grpo.add_argument("--epsilon", type=float, default=0.2, help="ratio clip: 1 - eps below")
-    grpo.add_argument("--epsilon_high", type=float, default=None,
-                      help="ratio clip above: 1 + eps_high (clip-higher, DAPO: 0.28). Default: --epsilon for grpo; "
-                           "4 for cispo (importance weights capped at 5, as ScaleRL)")
+    grpo.add_argument("--loss_type", default="grpo", choices=["grpo", "cispo"],
+                      help="cispo caps the importance weight at 1 + --epsilon_high "
+                           "(default there: 4, a cap of 5 as ScaleRL)")
     grpo.add_argument("--beta", type=float, default=0.04, help="weight of the k3 KL to the reference in the loss")
     args = parser.parse_args()
     if args.num_generations < 2:
         parser.error("--num_generations must be at least 2: a group of one has no baseline")
-    if args.epsilon_high is None:
-        args.epsilon_high = 4.0 if args.loss_type == "cispo" else args.epsilon
+    if args.loss_type == "cispo" and args.epsilon_high is None:
+        args.epsilon_high = 4.0
 
     setup = rl.setup(args)
     trainer = engine.Trainer(args, setup.runtime, setup.policy)
-    trainer.fit(setup.batches, partial(rl.critic_free_loss, args=args, surrogate=surrogate(args)), updates_per_window=args.ppo_epochs,
+    trainer.fit(setup.batches, partial(rl.critic_free_loss, args=args, surrogate=surrogate(args)),
+                updates_per_window=args.ppo_epochs,
                 prepare_window=partial(make_experience, args=args, setup=setup, trainer=trainer))
 
 

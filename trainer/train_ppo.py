@@ -16,7 +16,7 @@ generalised advantage estimation (GAE) turns rewards and values into advantages:
 Advantages are whitened over the batch's tokens. Then `--ppo_epochs` optimizer steps on the same
 rollouts minimise, per response token (summed and divided by the step's token count),
 
-    -min(ratio_t * A_t, clip(ratio_t, 1 - eps, 1 + eps) * A_t)                        the actor
+    -min(ratio_t * A_t, clip(ratio_t, 1 - eps, 1 + eps_high) * A_t)                      the actor
     + vf_coef * 0.5 * max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, ±value_eps) - R_t)^2)   the critic
 
 Writes `ppo_actor_<hidden>.pth` (the policy, a normal MiniMind weight file) and `ppo_critic_<hidden>.pth`.
@@ -42,8 +42,8 @@ def ppo_loss(model: torch.nn.Module, batch: dict, args: argparse.Namespace) -> e
     log_probs = rl.response_log_probs(out.logits, batch, args.temperature)
     mask = batch["response_mask"]
     policy_loss, clipped = rl.clipped_surrogate(log_probs, batch["old_log_probs"], batch["advantages"],
-                                                args.epsilon, args.epsilon)
-    values, old_values, returns = out.values[:, :-1], batch["old_values"], batch["returns"]
+                                                args.epsilon, args.epsilon_high)
+    values, old_values, returns = out.values[:, :-1].float(), batch["old_values"], batch["returns"]
     clipped_values = old_values + (values - old_values).clamp(-args.value_epsilon, args.value_epsilon)
     value_loss = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
     per_token = policy_loss + args.vf_coef * value_loss
@@ -150,7 +150,8 @@ class ActorCritic(nn.Module):
 def actor_and_critic_saver(args: argparse.Namespace):
     """Weight files: the actor as a normal MiniMind file (`ppo_actor_<hidden>.pth`, the path the engine
     passes), the critic beside it under the same name with "critic" for "actor"."""
-    critic_name = args.save_weight.replace("actor", "critic") if "actor" in args.save_weight else f"{args.save_weight}_critic"
+    name = args.save_weight
+    critic_name = name.replace("actor", "critic") if "actor" in name else f"{name}_critic"
 
     def save(model: torch.nn.Module, path: Path) -> None:
         model = engine.unwrap(model)
@@ -165,7 +166,6 @@ def main() -> None:
                                  log_interval=1, save_interval=10)
     rl.add_rl_args(parser, max_gen_len=512, ppo_epochs=2)
     ppo = parser.add_argument_group("PPO")
-    ppo.add_argument("--epsilon", type=float, default=0.2, help="ratio clip: [1 - eps, 1 + eps]")
     ppo.add_argument("--value_epsilon", type=float, default=0.2, help="value clip: V_old ± this")
     ppo.add_argument("--vf_coef", type=float, default=0.5, help="weight of the critic's loss")
     ppo.add_argument("--kl_coef", type=float, default=0.02, help="per-token KL penalty to the reference in the reward")

@@ -141,26 +141,23 @@ def main() -> None:
                                  save_interval=10)
     rl.add_rl_args(parser, max_gen_len=512, ppo_epochs=1)
     spo = parser.add_argument_group("SPO")
-    spo.add_argument("--epsilon", type=float, default=0.2, help="ratio clip: 1 - eps below")
-    spo.add_argument("--epsilon_high", type=float, default=None, help="ratio clip above: 1 + eps_high (default: --epsilon)")
     spo.add_argument("--beta", type=float, default=0.0, help="weight of the k3 KL to the reference in the loss")
     spo.add_argument("--rho_min", type=float, default=0.875, help="fastest forgetting of the value tracker")
     spo.add_argument("--rho_max", type=float, default=0.96, help="slowest forgetting of the value tracker")
     spo.add_argument("--drift_half_life", type=float, default=0.06,
                      help="policy drift (KL) that halves the weight of a prompt's past rewards")
     args = parser.parse_args()
-    if args.epsilon_high is None:
-        args.epsilon_high = args.epsilon
     if not 0 < args.rho_min <= args.rho_max < 1:
         parser.error("need 0 < --rho_min <= --rho_max < 1")
 
     setup = rl.setup(args)
+    surrogate = partial(rl.clipped_surrogate, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high)
     tracker = ValueTracker(args.rho_min, args.rho_max, args.drift_half_life)
     trainer = engine.Trainer(args, setup.runtime, setup.policy, state_objects={"tracker": tracker})
     hooks = dict(args=args, setup=setup, trainer=trainer, tracker=tracker)
-    surrogate = partial(rl.clipped_surrogate, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high)
-    trainer.fit(setup.batches, partial(rl.critic_free_loss, args=args, surrogate=surrogate), updates_per_window=args.ppo_epochs,
-                prepare_window=partial(make_experience, **hooks), after_window=partial(measure_drift, **hooks))
+    trainer.fit(setup.batches, partial(rl.critic_free_loss, args=args, surrogate=surrogate),
+                updates_per_window=args.ppo_epochs, prepare_window=partial(make_experience, **hooks),
+                after_window=partial(measure_drift, **hooks))
 
 
 if __name__ == "__main__":
