@@ -1,7 +1,7 @@
 """Do DPO, distillation and reasoning training do what they claim? Measured on the demo data from an SFT model.
 
     python scripts/measure_post_training.py --sft_weight out/demo/full_sft_256.pth
-    python scripts/measure_post_training.py            # first runs scripts/demo_pipeline.py for the SFT model
+    python scripts/measure_post_training.py            # first trains an SFT model from scratch (128 hidden, 4 layers)
     python scripts/measure_post_training.py --quick    # tiny models, a few steps: checks the plumbing
 
 1. DPO (`trainer/train_dpo.py`, `dataset/demo/dpo.jsonl`) from the SFT model: the preference accuracy
@@ -49,13 +49,13 @@ def mean(records: list[dict], key: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sft_weight", default=None, help="the SFT model (.pth with its .json sidecar); "
-                                                           "default: train one with scripts/demo_pipeline.py")
+    parser.add_argument("--sft_weight", default=None, help="the SFT model (.pth with its .json sidecar); default: "
+                                                           "SFT from random weights on dataset/demo/sft.jsonl, 1 epoch")
     parser.add_argument("--out_dir", default=str(REPO / "out" / "post_training"))
     parser.add_argument("--quick", action="store_true", help="tiny models, a few steps")
     parser.add_argument("--dpo_learning_rate", type=float, default=2e-5)
     parser.add_argument("--dpo_beta", type=float, default=0.1)
-    parser.add_argument("--student_hidden_size", type=int, default=128)
+    parser.add_argument("--student_hidden_size", type=int, default=64)
     parser.add_argument("--student_num_layers", type=int, default=2)
     parser.add_argument("--kd_steps", type=int, default=300)
     parser.add_argument("--reason_epochs", type=int, default=2)
@@ -90,9 +90,10 @@ def main() -> None:
     since = time.time()
     sft = Path(args.sft_weight).resolve() if args.sft_weight else None
     if sft is None:
-        run([python, "scripts/demo_pipeline.py", "--out_dir", str(out / "demo"), "--images_dir", str(out / "images"),
-             "--device", args.device, "--dtype", args.dtype, *(["--quick"] if args.quick else [])])
-        sft = next((out / "demo").glob("full_sft_*.pth"))
+        size = ["--preset", "tiny"] if args.quick else ["--hidden_size", "128", "--num_hidden_layers", "4"]
+        trainer("train_full_sft.py", *size, "--from_weight", "none", "--max_seq_len", "96", "--batch_size", "32",
+                "--learning_rate", "2e-3", "--warmup_steps", "20", "--epochs", "1")
+        sft = next(out.glob("full_sft_*.pth"))
     sft_eval, _ = accuracy(sft, "sft", 16)
     since = stage_done("sft", since)
 
