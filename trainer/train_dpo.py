@@ -151,11 +151,13 @@ def precomputed_reference(args, runtime: engine.Runtime, policy: torch.nn.Module
     stem = engine.weight_stem(policy.config, args.save_weight)
     path = engine.checkpoint_dir(args) / f"{stem}_reference_logps.pth"
     fingerprint = reference_fingerprint(args, data_path, reference_name, runtime)
-    if args.from_resume and path.exists():
+    resuming = args.from_resume and (engine.checkpoint_dir(args) / f"{stem}_resume.pth").exists()
+    if resuming and path.exists():
         stored = torch.load(path, map_location="cpu", weights_only=True)
         if stored["fingerprint"] == fingerprint:
             runtime.print(f"reference log-probs from {path}")
             return stored["logps"]
+        runtime.print(f"{path} was scored for other data or flags: scoring again")
     if reference_name == args.from_weight:
         reference = policy.eval()
     else:
