@@ -30,8 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "dataset" / "demo"
 
 
-def run(command: list[str], timeout_s: float) -> str:
-    """Run a step, echoing its command and streaming its output; returns the output."""
+def run(command: list[str], timeout_s: float, stop_at_timeout: bool = False) -> str:
+    """Run a step, echoing its command and streaming its output; returns the output. Past `timeout_s`
+    the step fails, or with `stop_at_timeout` is stopped and what it wrote so far is used."""
     print(f"\n$ {' '.join(shlex.quote(c) for c in command)}", flush=True)
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -41,7 +42,11 @@ def run(command: list[str], timeout_s: float) -> str:
         lines.append(line)
         if time.time() > deadline:
             process.kill()
-            sys.exit(f"step ran past {timeout_s:.0f}s: {' '.join(command)}")
+            process.wait()
+            if not stop_at_timeout:
+                sys.exit(f"step ran past {timeout_s:.0f}s: {' '.join(command)}")
+            print(f"\n(stopped after {timeout_s:.0f}s; using what it saved)", flush=True)
+            return "".join(lines)
     if process.wait() != 0:
         sys.exit(f"step failed (exit {process.returncode}): {' '.join(command)}")
     return "".join(lines)
@@ -50,7 +55,7 @@ def run(command: list[str], timeout_s: float) -> str:
 def accuracy(weights: Path, args: argparse.Namespace) -> dict:
     output = run([sys.executable, "eval_llm.py", "--load_from", str(weights), "--eval_file", str(args.eval_file),
                   "--max_new_tokens", str(args.max_gen_len), "--batch_size", "50", "--device", args.device,
-                  *(["--max_samples", str(args.eval_samples)] if args.eval_samples else [])], args.stage_timeout)
+                  *(["--max_samples", str(args.eval_samples)] if args.eval_samples else [])], 900)
     result = json.loads(output.strip().splitlines()[-1])
     return {"samples": result["samples"], "correct": result["correct"], "accuracy": result["accuracy"],
             "per_task": {task: stats["accuracy"] for task, stats in result.get("per_task", {}).items()}}
@@ -118,8 +123,11 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=100, help="optimizer steps per stage")
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--max_gen_len", type=int, default=16, help="longest response (the demo answers are short)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the rollouts")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--stage_timeout", type=float, default=900, help="seconds before a step is stopped")
+    parser.add_argument("--stage_minutes", type=float, default=10,
+                        help="a training stage still running after this long is stopped; its last save (every 10 "
+                             "steps) and its metrics so far are used")
     args = parser.parse_args()
     out, images = Path(args.out_dir).resolve(), Path(args.images_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +140,8 @@ def main() -> None:
 
     results = {"cpu": cpu_name(), "base": "random tiny model" if args.quick else str(args.base),
                "data": str((DEMO / "rlaif.jsonl").relative_to(REPO)), "max_steps": args.max_steps,
-               "learning_rate": args.learning_rate, "stage_flags": {s: STAGE_FLAGS[s] for s in args.stages}}
+               "learning_rate": args.learning_rate, "temperature": args.temperature,
+               "stage_flags": {stage: STAGE_FLAGS[stage] for stage in args.stages}}
     if "grpo" in args.stages and not args.quick:
         results["accuracy_before"] = accuracy(Path(args.base), args)
     for stage in args.stages:
@@ -141,12 +150,15 @@ def main() -> None:
              "--save_dir", str(out), "--checkpoint_dir", str(out / "checkpoints"), "--device", args.device,
              "--dtype", "float32", "--max_steps", str(args.max_steps),
              "--learning_rate", str(args.learning_rate), "--max_gen_len", str(args.max_gen_len),
-             "--max_seq_len", "96", "--log_interval", "1", "--save_interval", str(args.max_steps),
-             *STAGE_FLAGS[stage]], args.stage_timeout)
+             "--temperature", str(args.temperature),
+             "--max_seq_len", "96", "--log_interval", "1", "--save_interval", "10",
+             *STAGE_FLAGS[stage]], args.stage_minutes * 60, stop_at_timeout=True)
         stem = f"{'ppo_actor' if stage == 'ppo' else stage}_{hidden}"
         records = read_metrics(out / f"{stem}.metrics.jsonl")
         first, last = quarter_means(records, "reward")
-        summary = {"steps": records[-1]["step"], "minutes": round((time.time() - start) / 60, 1),
+        steps = records[-1]["step"]
+        summary = {"steps": steps, "weights_at_step": steps if steps == args.max_steps else steps // 10 * 10,
+                   "minutes": round((time.time() - start) / 60, 1),
                    "reward_first_quarter": round(first, 4), "reward_last_quarter": round(last, 4)}
         for component in ("answer", "format", "length"):
             component_first, component_last = quarter_means(records, f"reward_{component}")
