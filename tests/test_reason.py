@@ -7,7 +7,7 @@ import torch
 
 from conftest import (assert_ranks_in_sync, assert_same_losses, kill_then_resume, read_metrics, run_in_process,
                       tiny_flags, torchrun)
-from dataset.lm_dataset import ChatEncoder, SFTDataset, pad_rows
+from dataset.lm_dataset import ChatEncoder, SFTDataset
 from model.loader import load_tokenizer
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from trainer import engine
