@@ -30,9 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "dataset" / "demo"
 
 
-def run(command: list[str], timeout_s: float, stop_at_timeout: bool = False) -> str:
-    """Run a step, echoing its command and streaming its output; returns the output. Past `timeout_s`
-    the step fails, or with `stop_at_timeout` is stopped and what it wrote so far is used."""
+def run(command: list[str], timeout_s: float, stop_at_timeout: bool = False) -> tuple[str, bool]:
+    """Run a step, echoing its command and streaming its output; returns the output and whether it was
+    stopped. Past `timeout_s` the step fails, or with `stop_at_timeout` is stopped and what it wrote so
+    far is used."""
     print(f"\n$ {' '.join(shlex.quote(c) for c in command)}", flush=True)
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -46,16 +47,17 @@ def run(command: list[str], timeout_s: float, stop_at_timeout: bool = False) -> 
             if not stop_at_timeout:
                 sys.exit(f"step ran past {timeout_s:.0f}s: {' '.join(command)}")
             print(f"\n(stopped after {timeout_s:.0f}s; using what it saved)", flush=True)
-            return "".join(lines)
+            return "".join(lines), True
     if process.wait() != 0:
         sys.exit(f"step failed (exit {process.returncode}): {' '.join(command)}")
-    return "".join(lines)
+    return "".join(lines), False
 
 
 def accuracy(weights: Path, args: argparse.Namespace) -> dict:
-    output = run([sys.executable, "eval_llm.py", "--load_from", str(weights), "--eval_file", str(args.eval_file),
-                  "--max_new_tokens", str(args.max_gen_len), "--batch_size", "50", "--device", args.device,
-                  *(["--max_samples", str(args.eval_samples)] if args.eval_samples else [])], 900)
+    command = [sys.executable, "eval_llm.py", "--load_from", str(weights), "--eval_file", str(args.eval_file),
+               "--max_new_tokens", str(args.max_gen_len), "--batch_size", "50", "--device", args.device,
+               *(["--max_samples", str(args.eval_samples)] if args.eval_samples else [])]
+    output, _ = run(command, 900)
     result = json.loads(output.strip().splitlines()[-1])
     return {"samples": result["samples"], "correct": result["correct"], "accuracy": result["accuracy"],
             "per_task": {task: stats["accuracy"] for task, stats in result.get("per_task", {}).items()}}
@@ -146,7 +148,7 @@ def main() -> None:
         results["accuracy_before"] = accuracy(Path(args.base), args)
     for stage in args.stages:
         start = time.time()
-        run([sys.executable, f"trainer/train_{stage}.py", *base, "--data_path", str(DEMO / "rlaif.jsonl"),
+        _, stopped = run([sys.executable, f"trainer/train_{stage}.py", *base, "--data_path", str(DEMO / "rlaif.jsonl"),
              "--save_dir", str(out), "--checkpoint_dir", str(out / "checkpoints"), "--device", args.device,
              "--dtype", "float32", "--max_steps", str(args.max_steps),
              "--learning_rate", str(args.learning_rate), "--max_gen_len", str(args.max_gen_len),
@@ -157,7 +159,7 @@ def main() -> None:
         records = read_metrics(out / f"{stem}.metrics.jsonl")
         first, last = quarter_means(records, "reward")
         steps = records[-1]["step"]
-        summary = {"steps": steps, "weights_at_step": steps if steps == args.max_steps else steps // 10 * 10,
+        summary = {"steps": steps, "weights_at_step": steps // 10 * 10 if stopped else steps,
                    "minutes": round((time.time() - start) / 60, 1),
                    "reward_first_quarter": round(first, 4), "reward_last_quarter": round(last, 4)}
         for component in ("answer", "format", "length"):
