@@ -148,13 +148,12 @@ def main() -> None:
         results["accuracy_before"] = accuracy(Path(args.base), args)
     for stage in args.stages:
         start = time.time()
-        _, stopped = run([sys.executable, f"trainer/train_{stage}.py", *base, "--data_path", str(DEMO / "rlaif.jsonl"),
-             "--save_dir", str(out), "--checkpoint_dir", str(out / "checkpoints"), "--device", args.device,
-             "--dtype", "float32", "--max_steps", str(args.max_steps),
-             "--learning_rate", str(args.learning_rate), "--max_gen_len", str(args.max_gen_len),
-             "--temperature", str(args.temperature),
-             "--max_seq_len", "96", "--log_interval", "1", "--save_interval", "10",
-             *STAGE_FLAGS[stage]], args.stage_minutes * 60, stop_at_timeout=True)
+        command = [sys.executable, f"trainer/train_{stage}.py", *base, "--data_path", str(DEMO / "rlaif.jsonl"),
+                   "--save_dir", str(out), "--checkpoint_dir", str(out / "checkpoints"), "--device", args.device,
+                   "--dtype", "float32", "--max_steps", str(args.max_steps), "--learning_rate", str(args.learning_rate),
+                   "--max_gen_len", str(args.max_gen_len), "--temperature", str(args.temperature),
+                   "--max_seq_len", "96", "--log_interval", "1", "--save_interval", "10", *STAGE_FLAGS[stage]]
+        _, stopped = run(command, args.stage_minutes * 60, stop_at_timeout=True)
         stem = f"{'ppo_actor' if stage == 'ppo' else stage}_{hidden}"
         records = read_metrics(out / f"{stem}.metrics.jsonl")
         first, last = quarter_means(records, "reward")
