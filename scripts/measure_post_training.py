@@ -5,8 +5,9 @@
     python scripts/measure_post_training.py --quick    # tiny models, a few steps: checks the plumbing
 
 1. DPO (`trainer/train_dpo.py`, `dataset/demo/dpo.jsonl`) from the SFT model: the preference accuracy
-   (chosen reward > rejected reward) of the first and last tenth of its steps, and exact-match accuracy
-   on the held-out questions (`eval_llm.py --eval_file dataset/demo/eval.jsonl`, greedy) before and after.
+   (chosen reward > rejected reward) of the first and last tenth of its steps; on the held-out questions
+   (`dataset/demo/eval.jsonl`), exact-match accuracy (`eval_llm.py --eval_file`, greedy) and how often the
+   model finds the reference answer likelier than a near miss (the answer plus one), before and after.
 2. Distillation (`trainer/train_distillation.py`): a smaller student from random weights, once with the SFT
    model as teacher (the original's alpha 0.5, T 1.5) and once with cross-entropy only (alpha 1), same
    data, steps and seed; held-out loss (`eval_llm.py --ppl_file`) on the evaluation questions with their
@@ -28,8 +29,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from dataset.lm_dataset import DPODataset
+from model.loader import load_model_and_tokenizer
 from scripts.bench_train import cpu_name
 from scripts.demo_pipeline import last_json, read_metrics, run
+from trainer.train_dpo import PairsWithReference, reply_log_probs
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "dataset" / "demo"
@@ -43,6 +49,33 @@ def well_formed(reply: str) -> bool:
                 and "<think>" not in match["thought"] + match["answer"] and "</think>" not in match["answer"])
 
 
+def write_held_out_pairs(path: Path) -> None:
+    """The evaluation questions as preference pairs: the reference answer against a near miss (one more)."""
+    with open(DEMO / "eval.jsonl", encoding="utf-8") as questions, open(path, "w", encoding="utf-8") as pairs:
+        for line in questions:
+            record = json.loads(line)
+            if not str(record["answer"]).isdigit():
+                continue
+            replies = (str(record["answer"]), str(int(record["answer"]) + 1))
+            pair = {side: record["conversations"] + [{"role": "assistant", "content": reply}]
+                    for side, reply in zip(("chosen", "rejected"), replies)}
+            pairs.write(json.dumps(pair, ensure_ascii=False) + "\n")
+
+
+@torch.inference_mode()
+def preference_accuracy(weights: Path, pairs_path: Path) -> float:
+    """Share of pairs whose chosen reply the model finds likelier than the rejected one (summed log-probs,
+    the model alone: no reference)."""
+    model, tokenizer = load_model_and_tokenizer(str(weights), device="cpu", dtype="float32")
+    pairs = DPODataset(pairs_path, tokenizer, max_length=128)
+    wins = 0
+    for start in range(0, len(pairs), 50):
+        items = [pairs[i] for i in range(start, min(start + 50, len(pairs)))]
+        chosen, rejected, *_ = reply_log_probs(model, PairsWithReference.collate(items, 128, pairs.pad_token_id), False)
+        wins += int((chosen > rejected).sum())
+    return wins / len(pairs)
+
+
 def mean(records: list[dict], key: str) -> float:
     return sum(r[key] for r in records) / max(len(records), 1)
 
@@ -53,7 +86,7 @@ def main() -> None:
                                                            "SFT from random weights on dataset/demo/sft.jsonl, 1 epoch")
     parser.add_argument("--out_dir", default=str(REPO / "out" / "post_training"))
     parser.add_argument("--quick", action="store_true", help="tiny models, a few steps")
-    parser.add_argument("--dpo_learning_rate", type=float, default=2e-5)
+    parser.add_argument("--dpo_learning_rate", type=float, default=1e-5)
     parser.add_argument("--dpo_beta", type=float, default=0.1)
     parser.add_argument("--student_hidden_size", type=int, default=64)
     parser.add_argument("--student_num_layers", type=int, default=2)
@@ -104,6 +137,9 @@ def main() -> None:
     dpo_metrics = read_metrics(dpo.with_suffix(".metrics.jsonl"))
     tenth = max(1, len(dpo_metrics) // 10)
     dpo_eval, _ = accuracy(dpo, "dpo", 16)
+    held_out_pairs = out / "held_out_pairs.jsonl"
+    write_held_out_pairs(held_out_pairs)
+    held_out_preference = {"sft": preference_accuracy(sft, held_out_pairs), "dpo": preference_accuracy(dpo, held_out_pairs)}
     since = stage_done("dpo", since)
 
     # 2. Distillation: the same student with and without the teacher. The held-out conversations are the
@@ -140,6 +176,8 @@ def main() -> None:
         "cpu": cpu_name(), "minutes": round((time.time() - start) / 60, 1), "stage_minutes": timings,
         "sft_weight": str(sft), "eval_questions": sft_eval["samples"],
         "dpo": {"accuracy_sft": sft_eval["accuracy"], "accuracy_dpo": dpo_eval["accuracy"],
+                "held_out_preference_accuracy_sft": held_out_preference["sft"],
+                "held_out_preference_accuracy_dpo": held_out_preference["dpo"],
                 "steps": dpo_metrics[-1]["step"],
                 "preference_accuracy_first_tenth": mean(dpo_metrics[:tenth], "reward_accuracy"),
                 "preference_accuracy_last_tenth": mean(dpo_metrics[-tenth:], "reward_accuracy"),
