@@ -31,7 +31,7 @@ def per_token_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
     return logps * (targets != -100)
 
 
-def trl_dpo(policy, reference, batch, beta: float, loss_type: str) -> tuple[float, dict]:
+def trl_dpo(policy, reference, batch, beta: float, loss_type: str, sft_weight: float = 0.0) -> tuple[float, dict]:
     """TRL's own DPOTrainer loss code (`_compute_loss`) on the same pairs, with the model calls answered
     by our models' per-token log-probs and the reference's log-probs passed as precomputed."""
     input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
@@ -47,7 +47,7 @@ def trl_dpo(policy, reference, batch, beta: float, loss_type: str) -> tuple[floa
 
     metrics = {"train": defaultdict(list)}
     trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True), beta=beta, loss_types=[loss_type], loss_weights=[1.0],
+        model=SimpleNamespace(training=True), beta=beta, loss_types=[loss_type, "sft"], loss_weights=[1.0, sft_weight],
         f_divergence_type="reverse_kl", ld_alpha=None, precompute_ref_logps=True, use_weighting=False,
         aux_loss_enabled=False, label_smoothing=0.0, _metrics=metrics, _total_train_tokens=0, _tp_size=1,
         accelerator=SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x))
@@ -67,7 +67,7 @@ def pair_batch(small_data) -> dict:
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
 def test_loss_rewards_and_margins_equal_trl(pair_batch, loss_type):
     policy, reference = tiny_model(0), tiny_model(1).eval()
-    args = Namespace(beta=0.5, loss_type=loss_type, length_normalize=0)
+    args = Namespace(beta=0.5, loss_type=loss_type, length_normalize=0, rpo_alpha=0.0)
     ours = preference_step(policy, pair_batch, args, reference)
     trl_loss, trl_metrics = trl_dpo(policy, reference, pair_batch, beta=0.5, loss_type=loss_type)
     assert ours.count == 8 and pair_batch["loss_units"] == 8  # the engine averages per pair
@@ -78,9 +78,22 @@ def test_loss_rewards_and_margins_equal_trl(pair_batch, loss_type):
     assert trl_metrics["rewards/margins"] != 0  # two different models: the test compares something
 
 
+@pytest.mark.parametrize("length_normalize", [0, 1])
+def test_rpo_alpha_adds_trl_sft_loss(pair_batch, length_normalize):
+    policy, reference = tiny_model(0), tiny_model(1).eval()
+    args = Namespace(beta=0.5, loss_type="sigmoid", length_normalize=length_normalize, rpo_alpha=0.7)
+    ours = preference_step(policy, pair_batch, args, reference)
+    trl_loss, _ = trl_dpo(policy, reference, pair_batch, beta=0.5,
+                          loss_type="sigmoid_norm" if length_normalize else "sigmoid", sft_weight=0.7)
+    plain = preference_step(policy, pair_batch, Namespace(**{**vars(args), "rpo_alpha": 0.0}), reference)
+    assert ours.loss_sum.item() / ours.count == pytest.approx(trl_loss, rel=1e-5)
+    assert ours.loss_sum.item() - plain.loss_sum.item() == pytest.approx(0.7 * 8 * ours.metrics["chosen_nll"], rel=1e-5)
+
+
 def test_minimind_length_normalisation_is_trl_sigmoid_norm(pair_batch):
     policy, reference = tiny_model(0), tiny_model(1).eval()
-    ours = preference_step(policy, pair_batch, Namespace(beta=0.5, loss_type="sigmoid", length_normalize=1), reference)
+    ours = preference_step(policy, pair_batch, Namespace(beta=0.5, loss_type="sigmoid", length_normalize=1, rpo_alpha=0.0),
+                           reference)
     trl_loss, _ = trl_dpo(policy, reference, pair_batch, beta=0.5, loss_type="sigmoid_norm")
     assert ours.loss_sum.item() / ours.count == pytest.approx(trl_loss, rel=1e-5)
 

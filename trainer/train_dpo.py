@@ -14,6 +14,11 @@ from it. log pi(y|x) is the SUM of the log-probabilities of the reply's tokens (
 labelled by `DPODataset`); MiniMind averaged them instead, which is `--length_normalize 1`. `--loss_type`
 swaps the sigmoid for IPO's squared loss or SLiC's hinge. Logged: the mean chosen/rejected reward, their
 margin, and the preference accuracy (the share of pairs whose chosen reward is the higher).
+
+DPO only asks that the chosen reply gain on the rejected one, and it can get there by lowering both:
+the model may then find neither likely and answer something else. `--rpo_alpha a` adds a times the
+chosen replies' negative log-likelihood per token (RPO, Pang et al., 2024; TRL's loss type "sft"
+weighted by a), which keeps the chosen replies likely while the margin grows.
 """
 
 import copy
@@ -81,7 +86,13 @@ def preference_step(model: torch.nn.Module, batch: dict, args, reference: torch.
             ref_chosen_logps, ref_rejected_logps, *_ = reply_log_probs(reference, batch, bool(args.length_normalize))
     losses, chosen_rewards, rejected_rewards = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                                                         args.beta, args.loss_type, chosen_tokens, rejected_tokens)
-    metrics = {"reward_chosen": chosen_rewards.mean().item(), "reward_rejected": rejected_rewards.mean().item(),
+    # the chosen replies' NLL per token over the micro-batch (as TRL's "sft" loss term), given to every pair
+    chosen_logp_sums = chosen_logps * chosen_tokens if args.length_normalize else chosen_logps
+    chosen_nll = -chosen_logp_sums.sum() / chosen_tokens.sum().clamp(min=1)
+    if args.rpo_alpha:
+        losses = losses + args.rpo_alpha * chosen_nll
+    metrics = {"chosen_nll": chosen_nll.item(), "reward_chosen": chosen_rewards.mean().item(),
+               "reward_rejected": rejected_rewards.mean().item(),
                "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
                "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean().item()}
     return engine.LossOutput(loss_sum=losses.sum(), count=len(losses), aux_loss=aux_loss, metrics=metrics)
@@ -178,6 +189,8 @@ def main() -> None:
                      help="sigmoid = DPO; ipo = IPO's squared loss (per-token log-ratios); hinge = SLiC")
     dpo.add_argument("--length_normalize", type=int, default=0, choices=[0, 1],
                      help="1 = mean instead of sum of the reply's token log-probs (the original MiniMind's choice)")
+    dpo.add_argument("--rpo_alpha", type=float, default=0.0,
+                     help="weight of the chosen reply's per-token NLL added to the loss (RPO; 0 = plain DPO)")
     dpo.add_argument("--ref_weight", default=None,
                      help="reference model: a name in --save_dir, a .pth path or an HF directory (default: --from_weight)")
     dpo.add_argument("--precompute_ref", type=int, default=0, choices=[0, 1],
