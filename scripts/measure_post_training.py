@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models, a few steps")
     parser.add_argument("--dpo_learning_rate", type=float, default=1e-5)
     parser.add_argument("--dpo_beta", type=float, default=0.1)
+    parser.add_argument("--dpo_rpo_alpha", type=float, default=0.0, help="train_dpo.py --rpo_alpha")
+    parser.add_argument("--dpo_epochs", type=int, default=1)
     parser.add_argument("--student_hidden_size", type=int, default=64)
     parser.add_argument("--student_num_layers", type=int, default=2)
     parser.add_argument("--kd_steps", type=int, default=300)
@@ -132,7 +134,8 @@ def main() -> None:
 
     # 1. DPO
     trainer("train_dpo.py", "--from_weight", str(sft), "--batch_size", "16", "--max_seq_len", "128",
-            "--learning_rate", str(args.dpo_learning_rate), "--beta", str(args.dpo_beta), "--epochs", "1")
+            "--learning_rate", str(args.dpo_learning_rate), "--beta", str(args.dpo_beta),
+            "--rpo_alpha", str(args.dpo_rpo_alpha), "--epochs", str(args.dpo_epochs))
     dpo = next(out.glob("dpo_*.pth"))
     dpo_metrics = read_metrics(dpo.with_suffix(".metrics.jsonl"))
     tenth = max(1, len(dpo_metrics) // 10)
@@ -183,7 +186,8 @@ def main() -> None:
                 "preference_accuracy_last_tenth": mean(dpo_metrics[-tenth:], "reward_accuracy"),
                 "reward_margin_first_tenth": mean(dpo_metrics[:tenth], "reward_margin"),
                 "reward_margin_last_tenth": mean(dpo_metrics[-tenth:], "reward_margin"),
-                "learning_rate": args.dpo_learning_rate, "beta": args.dpo_beta},
+                "learning_rate": args.dpo_learning_rate, "beta": args.dpo_beta, "rpo_alpha": args.dpo_rpo_alpha,
+                "epochs": args.dpo_epochs},
         "distillation": {"held_out_nll_kd": held_out_nll["kd"], "held_out_nll_ce_only": held_out_nll["ce"],
                          "held_out_nll_teacher": held_out_nll["teacher"],
                          "student": " ".join(student_size), "steps": 6 if args.quick else args.kd_steps},

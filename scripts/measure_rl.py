@@ -122,7 +122,8 @@ def main() -> None:
     parser.add_argument("--eval_file", default=str(DEMO / "eval.jsonl"))
     parser.add_argument("--eval_samples", type=int, default=0, help="first N evaluation questions (0 = all)")
     parser.add_argument("--stages", nargs="+", default=["grpo", "ppo", "spo"], choices=list(STAGE_FLAGS))
-    parser.add_argument("--max_steps", type=int, default=100, help="optimizer steps per stage")
+    parser.add_argument("--max_steps", type=int, default=100, help="optimizer steps per stage (0 = all --epochs)")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the prompts per stage")
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--max_gen_len", type=int, default=16, help="longest response (the demo answers are short)")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the rollouts")
@@ -141,7 +142,7 @@ def main() -> None:
     hidden = 64 if args.quick else json.loads(Path(args.base).with_suffix(".json").read_text())["hidden_size"]
 
     results = {"cpu": cpu_name(), "base": "random tiny model" if args.quick else str(args.base),
-               "data": str((DEMO / "rlaif.jsonl").relative_to(REPO)), "max_steps": args.max_steps,
+               "data": str((DEMO / "rlaif.jsonl").relative_to(REPO)), "max_steps": args.max_steps, "epochs": args.epochs,
                "learning_rate": args.learning_rate, "temperature": args.temperature,
                "stage_flags": {stage: STAGE_FLAGS[stage] for stage in args.stages}}
     if "grpo" in args.stages and not args.quick:
@@ -150,7 +151,8 @@ def main() -> None:
         start = time.time()
         command = [sys.executable, f"trainer/train_{stage}.py", *base, "--data_path", str(DEMO / "rlaif.jsonl"),
                    "--save_dir", str(out), "--checkpoint_dir", str(out / "checkpoints"), "--device", args.device,
-                   "--dtype", "float32", "--max_steps", str(args.max_steps), "--learning_rate", str(args.learning_rate),
+                   "--dtype", "float32", "--max_steps", str(args.max_steps), "--epochs", str(args.epochs),
+                   "--learning_rate", str(args.learning_rate),
                    "--max_gen_len", str(args.max_gen_len), "--temperature", str(args.temperature),
                    "--max_seq_len", "96", "--log_interval", "1", "--save_interval", "10", *STAGE_FLAGS[stage]]
         _, stopped = run(command, args.stage_minutes * 60, stop_at_timeout=True)

@@ -5,6 +5,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import torch
+
 from conftest import (assert_ranks_in_sync, kill_then_resume, losses, run_trainer, tiny_flags, torchrun,
                       trainer_command)
 
@@ -71,6 +73,25 @@ def test_torchrun_two_processes_pretrain_and_sft_stay_in_sync(small_data, tmp_pa
     for stem in ("pretrain_64", "full_sft_64"):
         assert_ranks_in_sync(tmp_path / "ckpt", stem)
 
+
+
+def test_torchrun_resume_after_a_kill_between_the_ranks_saves(small_data, tmp_path):
+    """A kill after rank 0 saved step 4 but before rank 1 did: rank 1's latest state is step 3. The
+    resumed run takes both ranks back to step 3 (rank 0 from its previous file) and repeats step 4 exactly."""
+    flags = tiny_flags(tmp_path, small_data["pretrain"], "--save_interval", "1", "--from_resume", "1")
+    torchrun("train_pretrain.py", flags + ["--max_steps", "4"])
+    metrics = tmp_path / "out" / "pretrain_64.metrics.jsonl"
+    first = losses(metrics)
+    rank1 = tmp_path / "ckpt" / "pretrain_64_resume_rank1.pth"
+    rank1_previous = rank1.with_name("pretrain_64_resume_rank1.previous.pth")
+    assert torch.load(rank1_previous, weights_only=False)["step"] == 3
+    os.replace(rank1_previous, rank1)  # rank 1 never wrote step 4
+    result = torchrun("train_pretrain.py", flags + ["--max_steps", "6"])
+    assert "all go back to step 3" in result.stdout + result.stderr
+    resumed = losses(metrics)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert abs(resumed[4] - first[4]) <= 1e-5
+    assert_ranks_in_sync(tmp_path / "ckpt", "pretrain_64")
 
 
 def test_use_wandb_logs_offline_and_resumes_the_same_run(small_data, tmp_path, monkeypatch):

@@ -248,9 +248,10 @@ def checkpoint_dir(args: argparse.Namespace) -> Path:
     return loader.resolve_path(args.checkpoint_dir, default="checkpoints")
 
 
-def atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path, keep_previous: bool = False) -> None:
     """Write to a temporary file, fsync, then rename: a kill at any moment leaves either the old file
-    or the new one, never half of one."""
+    or the new one, never half of one. With `keep_previous`, the file being replaced is kept as
+    `previous_version(path)`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as handle:
@@ -260,7 +261,13 @@ def atomic_save(obj: Any, path: Path) -> None:
             torch.save(obj, handle)
         handle.flush()
         os.fsync(handle.fileno())
+    if keep_previous and path.exists():
+        os.replace(path, previous_version(path))
     os.replace(tmp, path)
+
+
+def previous_version(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -449,6 +456,7 @@ class Trainer:
         self.bad_steps, self.skipped_steps, self.total_steps = 0, 0, 0
         self.logger_id: str | None = None
         self.resumed = False
+        self.saved_step: int | None = None
 
     # --- resume -------------------------------------------------------------------------------
 
@@ -466,26 +474,57 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
 
+    def rank_resume_path(self) -> Path:
+        """Each process saves its own resume state (its RNG and data position differ)."""
+        if self.runtime.rank == 0:
+            return self.resume_path
+        return self.resume_path.with_name(f"{self.resume_path.stem}_rank{self.runtime.rank}.pth")
+
     def save(self) -> None:
-        """Weights for users (rank 0) and each rank's resume state (RNG and data position are per rank)."""
+        """Weights for users (rank 0) and each rank's resume state; the state it replaces is kept as
+        `*.previous.pth`, for the case where a kill lands between two ranks' saves (see `load_resume`)."""
+        if self.step == self.saved_step:
+            return
         if self.runtime.is_main:
             self.weight_saver(self.model, self.weights_path)
-        path = self.resume_path if self.runtime.rank == 0 else self.resume_path.with_name(
-            f"{self.resume_path.stem}_rank{self.runtime.rank}.pth")
-        atomic_save(self.resume_state(), path)
+        atomic_save(self.resume_state(), self.rank_resume_path(), keep_previous=True)
+        self.saved_step = self.step
         if self.runtime.distributed:
             dist.barrier()
 
+    def agreed_resume_file(self) -> Path | None:
+        """The resume file to load: the latest step for which every rank holds a state. Ranks save one
+        after another, so a kill can leave rank 0 at step 20 and rank 1 still at step 10; each rank
+        then has step 10 in its current or its previous file, and all of them go back to it."""
+        path = self.rank_resume_path()
+        mine = {}
+        for candidate in (path, previous_version(path)):
+            if candidate.exists():  # mmap: only the step is read, not the tensors
+                mine.setdefault(torch.load(candidate, map_location="cpu", weights_only=False, mmap=True)["step"], candidate)
+        table = torch.full((self.runtime.world_size, 2), -1.0)
+        table[self.runtime.rank, :len(mine)] = torch.tensor(sorted(mine), dtype=torch.float64)
+        table = self.runtime.all_reduce(table.to(self.runtime.device), "max").cpu()
+        if (table == -1).all():
+            self.runtime.print(f"--from_resume 1: no resume checkpoint at {path}, starting fresh")
+            return None
+        held = [set(row[row >= 0].long().tolist()) for row in table]
+        common = set.intersection(*held)
+        if not common:
+            sys.exit(f"error: no step for which every process has a resume state in {path.parent} "
+                     f"(steps per rank: {[sorted(steps) for steps in held]}); remove them to start fresh")
+        step = max(common)
+        if step != max(set.union(*held)):
+            self.runtime.print(f"the processes' latest resume states differ (steps per rank: "
+                               f"{[sorted(steps) for steps in held]}); all go back to step {step}")
+        return mine[step]
+
     def load_resume(self) -> bool:
         """Load the resume checkpoint if `--from_resume 1` and one exists (never a half-written one:
-        saves are atomic renames, and only the final name is read)."""
+        saves are atomic renames, and only the final names are read)."""
         if not self.args.from_resume:
             return False
-        path = self.resume_path if self.runtime.rank == 0 else self.resume_path.with_name(
-            f"{self.resume_path.stem}_rank{self.runtime.rank}.pth")
-        found = self.runtime.all_reduce(float(path.exists()), "min").item() == 1.0
-        if not found:
-            self.runtime.print(f"--from_resume 1: no resume checkpoint at {path}, starting fresh")
+        path = self.agreed_resume_file()
+        if path is None:
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state["world_size"] != self.runtime.world_size:
@@ -507,6 +546,7 @@ class Trainer:
             self.runtime.print(f"note: resuming a {state['dtype']} run in {self.runtime.dtype}")
         self.runtime.print(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1})")
         self.resumed = True
+        self.saved_step = self.step
         return True
 
     # --- one optimizer step -------------------------------------------------------------------
