@@ -46,6 +46,16 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def accelerator_name(device: str) -> str | None:
+    """The GPU that `--device` resolves to, if any: results name it beside the host CPU."""
+    if device in ("auto", "cuda") or device.startswith("cuda:"):
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(torch.device("cuda" if device == "auto" else device))
+    if device in ("auto", "mps") and torch.backends.mps.is_available():
+        return "Apple MPS"
+    return None
+
+
 def peak_matmul_flops(dtype: torch.dtype, device: torch.device) -> float:
     """Best FLOP/s of a large square matmul: the roof MFU is measured against."""
     a = torch.randn(2048, 2048, device=device, dtype=dtype)
@@ -143,8 +153,8 @@ def main() -> None:
               f"(loss-bearing {100 * result['loss_bearing_fraction']:.0f}% of row tokens)", flush=True)
     baseline = next((r for r in results if r["variant"] == "padded-fp32"), None)
     best = max(results, key=lambda r: r["tokens_per_s"])
-    summary = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "preset": args.preset,
-               "batch": f"{args.batch_size}x{args.max_seq_len}", "results": results, "best": best["variant"]}
+    summary = {"cpu": cpu_name(), "accelerator": accelerator_name(args.device), "threads": torch.get_num_threads(),
+               "preset": args.preset, "batch": f"{args.batch_size}x{args.max_seq_len}", "results": results, "best": best["variant"]}
     if baseline:
         summary["speedup_vs_padded_fp32"] = round(best["tokens_per_s"] / baseline["tokens_per_s"], 2)
     print(json.dumps(summary))

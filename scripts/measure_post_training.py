@@ -4,8 +4,9 @@
     python scripts/measure_post_training.py            # first trains an SFT model from scratch (128 hidden, 4 layers)
     python scripts/measure_post_training.py --quick    # tiny models, a few steps: checks the plumbing
 
-1. DPO (`trainer/train_dpo.py`, `dataset/demo/dpo.jsonl`) from the SFT model: the preference accuracy
-   (chosen reward > rejected reward) of the first and last tenth of its steps; on the held-out questions
+1. DPO (`trainer/train_dpo.py`, `dataset/demo/dpo.jsonl`; by default `--rpo_alpha 1`, lr 1e-4, 2 epochs)
+   from the SFT model: the preference accuracy (chosen reward > rejected reward) of the first and last
+   tenth of its steps; on the held-out questions
    (`dataset/demo/eval.jsonl`), exact-match accuracy (`eval_llm.py --eval_file`, greedy) and how often the
    model finds the reference answer likelier than a near miss (the answer plus one), before and after.
 2. Distillation (`trainer/train_distillation.py`): a smaller student from random weights, once with the SFT
@@ -33,7 +34,7 @@ import torch
 
 from dataset.lm_dataset import DPODataset
 from model.loader import load_model_and_tokenizer
-from scripts.bench_train import cpu_name
+from scripts.bench_train import accelerator_name, cpu_name
 from scripts.demo_pipeline import last_json, read_metrics, run
 from trainer.train_dpo import PairsWithReference, reply_log_probs
 
@@ -86,10 +87,10 @@ def main() -> None:
                                                            "SFT from random weights on dataset/demo/sft.jsonl, 1 epoch")
     parser.add_argument("--out_dir", default=str(REPO / "out" / "post_training"))
     parser.add_argument("--quick", action="store_true", help="tiny models, a few steps")
-    parser.add_argument("--dpo_learning_rate", type=float, default=1e-5)
+    parser.add_argument("--dpo_learning_rate", type=float, default=1e-4)
     parser.add_argument("--dpo_beta", type=float, default=0.1)
-    parser.add_argument("--dpo_rpo_alpha", type=float, default=0.0, help="train_dpo.py --rpo_alpha")
-    parser.add_argument("--dpo_epochs", type=int, default=1)
+    parser.add_argument("--dpo_rpo_alpha", type=float, default=1.0, help="train_dpo.py --rpo_alpha (0 = plain DPO)")
+    parser.add_argument("--dpo_epochs", type=int, default=2)
     parser.add_argument("--student_hidden_size", type=int, default=64)
     parser.add_argument("--student_num_layers", type=int, default=2)
     parser.add_argument("--kd_steps", type=int, default=300)
@@ -176,7 +177,7 @@ def main() -> None:
     stage_done("reason", since)
 
     results = {
-        "cpu": cpu_name(), "minutes": round((time.time() - start) / 60, 1), "stage_minutes": timings,
+        "cpu": cpu_name(), "accelerator": accelerator_name(args.device), "minutes": round((time.time() - start) / 60, 1), "stage_minutes": timings,
         "sft_weight": str(sft), "eval_questions": sft_eval["samples"],
         "dpo": {"accuracy_sft": sft_eval["accuracy"], "accuracy_dpo": dpo_eval["accuracy"],
                 "held_out_preference_accuracy_sft": held_out_preference["sft"],
