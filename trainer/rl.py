@@ -18,7 +18,7 @@ The stage files hold their advantage and their loss. This module holds the rest,
   `LengthPenalty`) and model-based (`ModelReward`: any HF sequence-classification directory, scored in
   batches), summed with weights from the flags by `Rewards`, which also reports each component.
 * the pieces of the losses every stage uses (`clipped_surrogate`, `k3_kl`, `masked_mean`,
-  `masked_whiten`) and the recipe's common part (`add_rl_args`, `setup`).
+  `masked_whiten`) and the recipe's common part (`stage_parser`, `setup`).
 
 Prompts longer than `--max_seq_len` tokens are cut by `RLAIFDataset` (`ChatEncoder.encode_prompt`):
 oldest turns first, never through the generation prompt.
@@ -47,11 +47,21 @@ from trainer import engine
 # Flags and the common recipe
 # ---------------------------------------------------------------------------------------------
 
-def add_rl_args(parser: argparse.ArgumentParser, *, max_gen_len: int, ppo_epochs: int) -> None:
+def stage_parser(description: str, *, save_weight: str, batch_size: int, ppo_epochs: int) -> argparse.ArgumentParser:
+    """The engine's flags with the defaults of MiniMind's RL scripts (from `full_sft`, lr 1e-6, prompts of
+    `rlaif-mini.jsonl` up to 256 tokens, responses up to 512, a log line every step), plus `add_rl_args`."""
+    parser = engine.stage_parser(description, save_weight=save_weight, from_weight="full_sft", learning_rate=1e-6,
+                                 epochs=1, batch_size=batch_size, max_seq_len=256, data_file="rlaif-mini.jsonl",
+                                 log_interval=1, save_interval=10)
+    add_rl_args(parser, ppo_epochs=ppo_epochs)
+    return parser
+
+
+def add_rl_args(parser: argparse.ArgumentParser, *, ppo_epochs: int) -> None:
     """Flags of sampling, rewards and updates that PPO, GRPO and SPO share. `--max_seq_len` is the
     prompt limit (as in MiniMind's RL scripts); `--batch_size` counts prompts per micro-batch."""
     rollout = parser.add_argument_group("rollout")
-    rollout.add_argument("--max_gen_len", type=int, default=max_gen_len, help="longest response, in tokens")
+    rollout.add_argument("--max_gen_len", type=int, default=512, help="longest response, in tokens")
     rollout.add_argument("--temperature", type=float, default=1.0,
                          help="sampling temperature (> 0); log-probs are taken at the same temperature")
     rollout.add_argument("--top_p", type=float, default=1.0,

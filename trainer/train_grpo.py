@@ -76,10 +76,7 @@ def make_experience(window: list[dict], args: argparse.Namespace, setup: rl.Setu
 
 
 def main() -> None:
-    parser = engine.stage_parser(__doc__, save_weight="grpo", from_weight="full_sft", learning_rate=1e-6, epochs=1,
-                                 batch_size=2, max_seq_len=256, data_file="rlaif-mini.jsonl", log_interval=1,
-                                 save_interval=10)
-    rl.add_rl_args(parser, max_gen_len=512, ppo_epochs=1)
+    parser = rl.stage_parser(__doc__, save_weight="grpo", batch_size=2, ppo_epochs=1)
     grpo = parser.add_argument_group("GRPO")
     grpo.add_argument("--num_generations", type=int, default=8, help="responses sampled per prompt (the group)")
     grpo.add_argument("--loss_type", default="grpo", choices=["grpo", "cispo"],

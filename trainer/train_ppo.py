@@ -161,10 +161,7 @@ def actor_and_critic_saver(args: argparse.Namespace):
 
 
 def main() -> None:
-    parser = engine.stage_parser(__doc__, save_weight="ppo_actor", from_weight="full_sft", learning_rate=1e-6,
-                                 epochs=1, batch_size=4, max_seq_len=256, data_file="rlaif-mini.jsonl",
-                                 log_interval=1, save_interval=10)
-    rl.add_rl_args(parser, max_gen_len=512, ppo_epochs=2)
+    parser = rl.stage_parser(__doc__, save_weight="ppo_actor", batch_size=4, ppo_epochs=2)
     ppo = parser.add_argument_group("PPO")
     ppo.add_argument("--value_epsilon", type=float, default=0.2, help="value clip: V_old ± this")
     ppo.add_argument("--vf_coef", type=float, default=0.5, help="weight of the critic's loss")

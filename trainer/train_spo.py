@@ -136,10 +136,7 @@ def measure_drift(window: list[dict], args: argparse.Namespace, setup: rl.Setup,
 
 
 def main() -> None:
-    parser = engine.stage_parser(__doc__, save_weight="spo", from_weight="full_sft", learning_rate=1e-6, epochs=1,
-                                 batch_size=8, max_seq_len=256, data_file="rlaif-mini.jsonl", log_interval=1,
-                                 save_interval=10)
-    rl.add_rl_args(parser, max_gen_len=512, ppo_epochs=1)
+    parser = rl.stage_parser(__doc__, save_weight="spo", batch_size=8, ppo_epochs=1)
     spo = parser.add_argument_group("SPO")
     spo.add_argument("--beta", type=float, default=0.0, help="weight of the k3 KL to the reference in the loss")
     spo.add_argument("--rho_min", type=float, default=0.875, help="fastest forgetting of the value tracker")
