@@ -1,7 +1,8 @@
 """DPO: learn from pairs of replies, one preferred ("chosen") and one not ("rejected"), without a reward model.
 
     python trainer/train_dpo.py                       # from out/full_sft_512.pth on dataset/dpo.jsonl (or the demo data)
-    python trainer/train_dpo.py --learning_rate 1e-5  # the demo models want a larger step than the original's 4e-8
+    python trainer/train_dpo.py --learning_rate 1e-4 --rpo_alpha 1 --epochs 2   # the demo recipe (README figures);
+                                                      # the original's lr 4e-8 barely moves a small model
     python trainer/train_dpo.py --precompute_ref 1    # reference log-probs scored once: no second model in memory
 
 Direct Preference Optimization (Rafailov et al., 2023) trains the policy pi so that its implicit reward
