@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -117,3 +118,25 @@ def test_a_malformed_line_stops_the_run_naming_file_and_line_before_any_output(s
     assert f"{bad}:201:" in result.stderr and "robot" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_every_trainer_help_shows_its_usage_lines_as_written():
+    """`--help` on each stage prints its docstring's usage block line by line (not re-wrapped) and its flags."""
+    scripts = sorted(path.name for path in (Path(__file__).resolve().parents[1] / "trainer").glob("train_*.py"))
+    assert len(scripts) == 10
+    code = ("import contextlib, io, runpy, sys\n"
+            "for script in sys.argv[1:]:\n"
+            "    sys.argv = [script, '--help']\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+            "        runpy.run_path(script, run_name='__main__')\n"
+            "    print('=====', script); print(out.getvalue())\n")
+    trainer_dir = Path(__file__).resolve().parents[1] / "trainer"
+    result = subprocess.run([sys.executable, "-c", code, *[str(trainer_dir / s) for s in scripts]],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = dict(zip(scripts, result.stdout.split("===== ")[1:]))
+    for script in scripts:
+        first_usage = next(line for line in (trainer_dir / script).read_text().splitlines() if line.startswith("    python "))
+        assert first_usage in outputs[script].splitlines(), script
+        assert "--from_resume" in outputs[script] or script == "train_tokenizer.py"

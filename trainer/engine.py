@@ -42,11 +42,20 @@ REPO_ROOT = loader.REPO_ROOT
 # Flags
 # ---------------------------------------------------------------------------------------------
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows the script's docstring as written (its usage lines, its formulas) and each flag's default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "default:" in (action.help or ""):  # the flag's help already says what its default means
+            return action.help
+        return super()._get_help_string(action)
+
+
 def stage_parser(description: str, *, save_weight: str, from_weight: str, learning_rate: float, epochs: int,
                  batch_size: int, max_seq_len: int, data_file: str, accumulation_steps: int = 1,
                  log_interval: int = 100, save_interval: int = 1000) -> argparse.ArgumentParser:
     """The flags every stage shares (CONVENTIONS §4); a stage adds its own groups and passes its defaults."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     files = parser.add_argument_group("files")
     files.add_argument("--save_dir", default="out", help="weights and metrics go here (default: <repo>/out)")
     files.add_argument("--save_weight", default=save_weight, help="name of the weights written: <save_weight>_<hidden>[_moe].pth")

@@ -180,7 +180,7 @@ def save(tokenizer: Tokenizer, out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", type=Path, nargs="+", default=DEFAULT_DATA,
                         help="jsonl files (pretrain, SFT, DPO or RL format) to learn merges from; "
                              "the default is the demo pretrain and SFT data")
