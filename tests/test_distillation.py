@@ -3,12 +3,13 @@ dense student, torchrun, exact resume. (KD beating CE on held-out loss needs a t
 scripts/measure_post_training.py, not here.)"""
 
 import copy
+import subprocess
 
 import pytest
 import torch
 
 from conftest import (assert_ranks_in_sync, assert_same_losses, kill_then_resume, read_metrics, run_in_process,
-                      tiny_flags, torchrun)
+                      tiny_flags, torchrun, trainer_command)
 from dataset.lm_dataset import SFTDataset, pad_rows
 from model.loader import load_tokenizer
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
@@ -86,3 +87,12 @@ def test_torchrun_two_processes_student_equal_to_teacher(small_data, tmp_path):
     records = read_metrics(tmp_path / "out" / "full_dist_64.metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[0]["kl"] == 0.0 and records[-1]["kl"] > 0
+
+
+def test_a_missing_teacher_is_reported_by_its_own_flag(small_data, tmp_path):
+    missing = tmp_path / "no_teacher.pth"
+    result = subprocess.run(trainer_command("train_distillation.py", tiny_flags(
+        tmp_path, small_data["sft"], "--from_weight", "none", "--teacher_weight", str(missing), "--max_steps", "1")),
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"--teacher_weight {missing}" in result.stderr and "Traceback" not in result.stderr

@@ -292,9 +292,10 @@ read_weights = loader.read_pth
 
 
 def load_model(args: argparse.Namespace, runtime: Runtime, name: str | None = None,
-               config: MiniMindConfig | None = None) -> torch.nn.Module:
+               config: MiniMindConfig | None = None, flag: str = "--from_weight") -> torch.nn.Module:
     """Random init (`--from_weight none`), or weights by name in --save_dir, a .pth path or an HF
-    directory, loaded strictly and in fp32 (the optimizer's master copy)."""
+    directory, loaded strictly and in fp32 (the optimizer's master copy). `flag` names the flag that
+    gave `name`, for the error when it cannot be loaded."""
     name = args.from_weight if name is None else name
     config = config or model_config(args)
     if name == "none":
@@ -309,7 +310,7 @@ def load_model(args: argparse.Namespace, runtime: Runtime, name: str | None = No
             source = loader.locate(name if is_path else loader.NATIVE, name, args.save_dir, config)
             model = loader.load_hf_directory(source, torch.float32) if source.is_dir() else loader.load_pth(source, config)
         except (FileNotFoundError, ValueError) as error:
-            sys.exit(f"error: --from_weight {name}: {error}")
+            sys.exit(f"error: {flag} {name}: {error}")
         model = model.float()
         runtime.print(f"loaded {source}")
     n_params = sum(p.numel() for p in model.parameters())
@@ -325,9 +326,9 @@ def freeze(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
     return model.to(runtime.dtype).eval().requires_grad_(False)
 
 
-def load_frozen_model(args: argparse.Namespace, runtime: Runtime, name: str,
+def load_frozen_model(args: argparse.Namespace, runtime: Runtime, name: str, flag: str,
                       config: MiniMindConfig | None = None) -> torch.nn.Module:
-    return freeze(load_model(args, runtime, name, config), runtime)
+    return freeze(load_model(args, runtime, name, config, flag), runtime)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -87,7 +87,7 @@ def main() -> None:
     student = engine.load_model(args, runtime)
     teacher_size = loader.size_config(args.teacher_hidden_size, args.teacher_num_layers, bool(args.teacher_use_moe),
                                       args.teacher_preset)
-    teacher_model = engine.load_frozen_model(args, runtime, args.teacher_weight, teacher_size)
+    teacher_model = engine.load_frozen_model(args, runtime, args.teacher_weight, "--teacher_weight", teacher_size)
     if teacher_model.config.vocab_size != student.config.vocab_size:
         raise SystemExit(f"error: the teacher's vocabulary ({teacher_model.config.vocab_size}) differs from the "
                          f"student's ({student.config.vocab_size}): distillation needs one tokenizer")

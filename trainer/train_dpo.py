@@ -173,7 +173,7 @@ def precomputed_reference(args, runtime: engine.Runtime, policy: torch.nn.Module
     if reference_name == args.from_weight:
         reference = policy.eval()
     else:
-        reference = engine.load_frozen_model(args, runtime, reference_name)
+        reference = engine.load_frozen_model(args, runtime, reference_name, "--ref_weight")
     logps = compute_reference_logps(reference, pairs, args, runtime)
     policy.train()
     if runtime.is_main:
@@ -213,7 +213,8 @@ def main() -> None:
     elif reference_name == args.from_weight:  # the starting weights: a frozen copy, not a second read
         dataset, reference = PairsWithReference(pairs), engine.freeze(copy.deepcopy(policy), runtime)
     else:
-        dataset, reference = PairsWithReference(pairs), engine.load_frozen_model(args, runtime, reference_name)
+        dataset = PairsWithReference(pairs)
+        reference = engine.load_frozen_model(args, runtime, reference_name, "--ref_weight")
     step = partial(preference_step, args=args, reference=reference)
     engine.Trainer(args, runtime, policy).fit(engine.lm_batches(args, runtime, dataset), step)
 
