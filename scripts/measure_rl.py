@@ -24,53 +24,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 from scripts.bench_train import accelerator_name, cpu_name
+from scripts.demo_pipeline import last_json, read_metrics, run
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "dataset" / "demo"
-
-
-def run(command: list[str], timeout_s: float, stop_at_timeout: bool = False) -> tuple[str, bool]:
-    """Run a step, echoing its command and streaming its output; returns the output and whether it was
-    stopped. Past `timeout_s` the step fails, or with `stop_at_timeout` is stopped and what it wrote so
-    far is used."""
-    print(f"\n$ {' '.join(shlex.quote(c) for c in command)}", flush=True)
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    deadline = time.time() + timeout_s
-    for line in process.stdout:
-        sys.stdout.write(line)
-        lines.append(line)
-        if time.time() > deadline:
-            process.kill()
-            process.wait()
-            if not stop_at_timeout:
-                sys.exit(f"step ran past {timeout_s:.0f}s: {' '.join(command)}")
-            print(f"\n(stopped after {timeout_s:.0f}s; using what it saved)", flush=True)
-            return "".join(lines), True
-    if process.wait() != 0:
-        sys.exit(f"step failed (exit {process.returncode}): {' '.join(command)}")
-    return "".join(lines), False
 
 
 def accuracy(weights: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, "eval_llm.py", "--load_from", str(weights), "--eval_file", str(args.eval_file),
                "--max_new_tokens", str(args.max_gen_len), "--batch_size", "50", "--device", args.device,
                *(["--max_samples", str(args.eval_samples)] if args.eval_samples else [])]
-    output, _ = run(command, 900)
-    result = json.loads(output.strip().splitlines()[-1])
+    result = last_json(run(command, 900))
     return {"samples": result["samples"], "correct": result["correct"], "accuracy": result["accuracy"],
             "per_task": {task: stats["accuracy"] for task, stats in result.get("per_task", {}).items()}}
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def quarter_means(records: list[dict], key: str) -> tuple[float, float]:
@@ -187,12 +160,13 @@ def main() -> None:
                    "--learning_rate", str(args.learning_rate),
                    "--max_gen_len", str(args.max_gen_len), "--temperature", str(args.temperature),
                    "--max_seq_len", "96", "--log_interval", "1", "--save_interval", "10", *STAGE_FLAGS[stage]]
-        _, stopped = run(command, args.stage_minutes * 60, stop_at_timeout=True)
+        run(command, args.stage_minutes * 60, stop_at_timeout=True)
         stem = f"{'ppo_actor' if stage == 'ppo' else stage}_{hidden}"
         records = read_metrics(out / f"{stem}.metrics.jsonl")
         first, last = quarter_means(records, "reward")
-        steps = records[-1]["step"]
-        summary = {"epochs": epochs, "steps": steps, "weights_at_step": steps // 10 * 10 if stopped else steps,
+        # the weights and the resume state are written together: its step is the weights' step
+        saved = torch.load(out / "checkpoints" / f"{stem}_resume.pth", map_location="cpu", weights_only=False, mmap=True)
+        summary = {"epochs": epochs, "steps": records[-1]["step"], "weights_at_step": saved["step"],
                    "minutes": round((time.time() - start) / 60, 1),
                    "reward_first_quarter": round(first, 4), "reward_last_quarter": round(last, 4)}
         for component in ("answer", "format", "length"):

@@ -22,7 +22,7 @@ def run_script(name: str, out: Path) -> dict:
 def test_measure_rl_runs_every_stage_and_reports_rewards(tmp_path):
     results = run_script("measure_rl.py", tmp_path / "rl")
     for stage in ("grpo", "ppo", "spo"):
-        assert results[stage]["steps"] == 3
+        assert results[stage]["steps"] == 3 and results[stage]["weights_at_step"] == 3
         assert -1.0 <= results[stage]["reward_first_quarter"] <= 1.5
         assert (tmp_path / "rl" / f"rl_reward_{stage}.png").read_bytes()[:8] == PNG
     report = (tmp_path / "rl" / "report.md").read_text(encoding="utf-8")
