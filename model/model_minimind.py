@@ -459,6 +459,19 @@ class MiniMindModel(MiniMindPreTrainedModel):
 # 7. Causal language model: next-token logits, loss, and generation
 # ---------------------------------------------------------------------------------------------
 
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """The cross-entropy of every trainer, evaluation and this model's `loss`, written once.
+
+    Position t predicts token t + 1, so the logits lose their last position and the labels (aligned
+    with `input_ids`, -100 = no loss) their first. reduction "none": -log p(labels[:, t] | tokens < t)
+    for t >= 1, shape (B, T - 1), 0 where unlabelled; "sum": their total; "mean": per labelled token.
+    Computed in fp32 whatever the logits' dtype, without materialising the whole log-softmax."""
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                          reduction=reduction)
+    return nll.view_as(targets) if reduction == "none" else nll
+
+
 class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
     """Trunk + vocabulary head. `generate` comes from transformers' GenerationMixin: greedy, sampling
     (temperature / top-p / top-k), repetition penalty, stop on eos, left-padded batches."""
@@ -484,17 +497,19 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool | None = None, labels: torch.Tensor | None = None,
-                logits_to_keep: int | torch.Tensor = 0, **kwargs) -> MoeCausalLMOutputWithPast:
+                logits_to_keep: int | torch.Tensor = 0, loss_reduction: str = "mean",
+                **kwargs) -> MoeCausalLMOutputWithPast:
         """`labels` are aligned with `input_ids` (the model shifts them); -100 marks no-loss tokens.
-        `loss` is the mean cross-entropy over labelled tokens; a MoE's balance loss is returned
-        apart in `aux_loss` for the trainer to add."""
+        `loss` is their cross-entropy (`next_token_nll`): the mean over labelled tokens, as transformers
+        has it, or with `loss_reduction="sum"` the total, which the trainers divide by the labelled
+        tokens of a whole optimizer step. A MoE's balance loss is returned apart in `aux_loss`."""
         trunk = self.model(input_ids, attention_mask, position_ids, past_key_values, bool(use_cache))
         hidden = trunk.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = next_token_nll(logits, labels, loss_reduction)
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=trunk.aux_loss, logits=logits,
                                          past_key_values=trunk.past_key_values)
 

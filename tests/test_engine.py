@@ -1,10 +1,12 @@
 """The engine's promises, in-process: token-normalised accumulation, LR schedule, NaN guard."""
 
+import argparse
 import math
 
 import pytest
 import torch
 
+from model import loader
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from trainer import engine
 
@@ -106,7 +108,13 @@ def test_weight_file_names_follow_minimind():
     assert engine.weight_stem(MiniMindConfig(**PRESETS["minimind2-moe"]), "full_sft") == "full_sft_640_moe"
 
 
-def test_auto_dtype_is_fp32_or_a_faster_bf16_on_cpu():
-    dtype = engine.pick_dtype("auto", torch.device("cpu"))
-    assert dtype in (torch.float32, torch.bfloat16)
-    assert engine.pick_dtype("float16", torch.device("cpu")) == torch.float16
+def test_one_dtype_policy_for_training_and_inference(monkeypatch):
+    """`--dtype auto` picks bf16 on a CPU only where it measured faster, fp16 on MPS, for the trainers
+    (engine.setup_runtime) and the loader alike."""
+    for faster, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(loader, "cpu_bf16_is_faster", lambda: faster)
+        assert loader.resolve_dtype("auto", torch.device("cpu")) == expected
+        args = argparse.Namespace(device="cpu", dtype="auto", seed=0)
+        assert engine.setup_runtime(args).dtype == expected
+    assert loader.resolve_dtype("auto", torch.device("mps")) == torch.float16
+    assert loader.resolve_dtype("float16", torch.device("cpu")) == torch.float16

@@ -68,10 +68,7 @@ def stage_parser(description: str, *, save_weight: str, from_weight: str, learni
     files.add_argument("--from_resume", type=int, default=0, choices=[0, 1], help="1 = continue from the resume checkpoint if there is one")
 
     size = parser.add_argument_group("model size (ignored when the loaded weights carry their config)")
-    size.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a named size; overrides the size flags below")
-    size.add_argument("--hidden_size", type=int, default=512)
-    size.add_argument("--num_hidden_layers", type=int, default=8)
-    size.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
+    loader.add_size_args(size)
     size.add_argument("--max_seq_len", type=int, default=max_seq_len, help="tokens per training row")
 
     optim = parser.add_argument_group("optimisation")
@@ -105,7 +102,7 @@ def add_packing_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def model_config(args: argparse.Namespace) -> MiniMindConfig:
-    return loader.size_config(args.hidden_size, args.num_hidden_layers, bool(args.use_moe), args.preset)
+    return loader.size_from_args(args)
 
 
 def weight_stem(config: MiniMindConfig, name: str) -> str:
@@ -150,34 +147,6 @@ class Runtime:
         return tensor
 
 
-def cpu_bf16_is_faster() -> bool:
-    """Whether bf16 matmuls beat fp32 on this CPU. Measured, not guessed from flags: with AMX they run
-    ~5x faster, with AVX512-BF16 alone anywhere from 2x faster to slower than fp32."""
-    a32, b32 = torch.randn(512, 1024), torch.randn(1024, 1024)
-    a16, b16 = a32.bfloat16(), b32.bfloat16()
-
-    def best_of(a, b):
-        a @ b
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best_of(a16, b16) * 1.25 < best_of(a32, b32)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_bf16_is_faster():
-        return torch.bfloat16
-    return torch.float32
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -195,7 +164,7 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dtype = pick_dtype(args.dtype, device)
+    dtype = loader.resolve_dtype(args.dtype, device)
     if world_size > 1 and args.dtype == "auto":  # every rank must train in the same precision
         agreed = torch.tensor([dtype == torch.bfloat16], dtype=torch.float64, device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)

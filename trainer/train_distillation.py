@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
 from model import loader
-from model.model_minimind import PRESETS
 from trainer import engine
 
 
@@ -72,10 +71,9 @@ def main() -> None:
     teacher = parser.add_argument_group("teacher")
     teacher.add_argument("--from_teacher_weight", "--teacher_weight", dest="teacher_weight", default="full_sft",
                          help="a name in --save_dir (<name>_<teacher hidden>[_moe].pth), a .pth path or an HF directory")
-    teacher.add_argument("--teacher_preset", default=None, choices=sorted(PRESETS), help="overrides the size flags below")
-    teacher.add_argument("--teacher_hidden_size", type=int, default=768)
-    teacher.add_argument("--teacher_num_layers", type=int, default=16)
-    teacher.add_argument("--teacher_use_moe", type=int, default=0, choices=[0, 1])
+    loader.add_size_args(teacher, "teacher_", hidden_size=768, num_hidden_layers=16)
+    teacher.add_argument("--teacher_num_layers", dest="teacher_num_hidden_layers", type=int, default=argparse.SUPPRESS,
+                         help="the original's name of --teacher_num_hidden_layers")
     kd = parser.add_argument_group("distillation")
     kd.add_argument("--alpha", type=float, default=0.5, help="weight of the CE term; the KL term gets 1 - alpha")
     kd.add_argument("--temperature", type=float, default=1.5, help="softens both distributions in the KL term")
@@ -85,8 +83,7 @@ def main() -> None:
     runtime = engine.setup_runtime(args)
     tokenizer = engine.load_tokenizer(args.tokenizer_path)
     student = engine.load_model(args, runtime)
-    teacher_size = loader.size_config(args.teacher_hidden_size, args.teacher_num_layers, bool(args.teacher_use_moe),
-                                      args.teacher_preset)
+    teacher_size = loader.size_from_args(args, "teacher_")
     teacher_model = engine.load_frozen_model(args, runtime, args.teacher_weight, "--teacher_weight", teacher_size)
     if teacher_model.config.vocab_size != student.config.vocab_size:
         raise SystemExit(f"error: the teacher's vocabulary ({teacher_model.config.vocab_size}) differs from the "
