@@ -409,6 +409,14 @@ class RLAIFDataset(ChatDataset):
         return left_pad_prompts(items, pad_token_id)
 
 
+def dataset_for_file(data_path: str | os.PathLike, tokenizer, max_length: int) -> PretrainDataset | SFTDataset:
+    """A held-out file scored as training reads it: `{"text"}` lines on every token (PretrainDataset),
+    `{"conversations"}` lines on the assistant's replies only (SFTDataset). Chosen by the first line."""
+    first = JsonlFile(data_path)[0]
+    dataset_class = PretrainDataset if isinstance(first, dict) and "text" in first else SFTDataset
+    return dataset_class(data_path, tokenizer, max_length=max_length)
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Collation: packed rows, MiniMind's padded rows, DPO pairs, left-padded prompts
 # ---------------------------------------------------------------------------------------------

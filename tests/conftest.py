@@ -4,6 +4,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -72,10 +73,17 @@ def kill_then_resume(script: str, flags: list[str], metrics: Path, kill_after_st
     return losses(metrics)
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on, so that test runs side by side don't meet on one rendezvous port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def torchrun(script: str, flags: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29517", str(REPO / "trainer" / script), *flags],
+                             "--master_port", str(free_port()), str(REPO / "trainer" / script), *flags],
                             capture_output=True, text=True, timeout=600, env=env, cwd="/")
     assert result.returncode == 0, result.stdout + result.stderr
     return result

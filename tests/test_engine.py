@@ -1,6 +1,7 @@
 """The engine's promises, in-process: token-normalised accumulation, LR schedule, NaN guard."""
 
 import argparse
+import json
 import math
 
 import pytest
@@ -118,3 +119,108 @@ def test_one_dtype_policy_for_training_and_inference(monkeypatch):
         assert engine.setup_runtime(args).dtype == expected
     assert loader.resolve_dtype("auto", torch.device("mps")) == torch.float16
     assert loader.resolve_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+def fp16_trainer(tmp_path, model, *extra: str) -> engine.Trainer:
+    """A trainer whose autocast runs in fp16 with GradScaler loss scaling, on the CPU: the path CUDA
+    cards without bf16 take by default."""
+    trainer = engine.Trainer(make_args(tmp_path, *extra), engine.Runtime(torch.device("cpu"), torch.float16), model)
+    assert trainer.scaler.is_enabled()
+    trainer.total_steps = 10
+    trainer.start_logging()
+    return trainer
+
+
+def scaled_loss(factor: float):
+    def loss_fn(model, batch):
+        out = engine.causal_lm_loss(model, batch)
+        out.loss_sum = out.loss_sum * factor
+        return out
+    return loss_fn
+
+
+def test_fp16_counts_a_nan_loss_as_bad_and_an_overflow_as_loss_scaling(tmp_path):
+    """A NaN loss is a bad step (skipped, in the streak that stops the run); a finite loss whose
+    gradients overflow fp16 is loss scaling at work (skipped, scale halved, not in the streak). The
+    old code had both the other way round."""
+    model = tiny_model()
+    trainer = fp16_trainer(tmp_path, model, "--max_bad_steps", "3")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(3, 6400, (2, 8), generator=torch.Generator().manual_seed(0))
+    window = [{"input_ids": ids, "labels": ids}]
+
+    assert not trainer.train_step(window, scaled_loss(float("nan")))
+    assert (trainer.step, trainer.skipped_steps, trainer.bad_steps) == (0, 1, 1)
+
+    scale = trainer.scaler.get_scale()
+    for overflow in range(1, 5):  # more overflows in a row than --max_bad_steps: loss scaling, not a failure
+        assert not trainer.train_step(window, scaled_loss(1e30))  # finite in fp32, inf once scaled in fp16
+        assert trainer.scaler.get_scale() == scale / 2 ** overflow
+    assert (trainer.step, trainer.skipped_steps, trainer.bad_steps) == (0, 5, 0)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+    assert trainer.train_step(window, engine.causal_lm_loss)
+    assert (trainer.step, trainer.skipped_steps, trainer.bad_steps) == (1, 5, 0)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    with pytest.raises(RuntimeError, match="non-finite"):
+        for _ in range(3):
+            trainer.train_step(window, scaled_loss(float("nan")))
+
+
+def test_moe_balance_loss_reaches_the_gradient(tmp_path):
+    """Through the engine, a MoE's gradient is that of mean CE + aux_loss (aux as a per-unit mean),
+    and differs from the CE-only gradient in the router: the balance loss is trained, not just logged."""
+    config = MiniMindConfig(**{**PRESETS["tiny"], "use_moe": True, "aux_loss_alpha": 0.5})
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(config).train()
+    reference = MiniMindForCausalLM(config).train()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 6400, (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = batch_with_labels(ids, 9)
+
+    trainer = engine.Trainer(make_args(tmp_path, "--grad_clip", "0"), engine.Runtime(torch.device("cpu"), torch.float32), model)
+    trainer.total_steps = 1
+    trainer.start_logging()
+    captured = {}
+    trainer.optimizer_step = lambda finite: captured.update(
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}) or (False, 0.0)
+    trainer.train_step([batch], engine.causal_lm_loss)
+
+    out = reference(batch["input_ids"])
+    assert float(out.aux_loss) > 0
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                           ignore_index=-100)
+    ce_only = torch.autograd.grad(ce, [p for _, p in reference.named_parameters()], retain_graph=True, allow_unused=True)
+    (ce + out.aux_loss).backward()
+    gates = [name for name, _ in reference.named_parameters() if name.endswith("mlp.gate.weight")]
+    assert gates
+    for (name, param), without_aux in zip(reference.named_parameters(), ce_only):
+        if param.grad is None:
+            continue
+        assert torch.allclose(captured[name], param.grad, atol=1e-6, rtol=1e-4), name
+        if name in gates:
+            assert not torch.allclose(param.grad, without_aux, atol=1e-6), f"{name}: no gradient from the aux loss"
+
+
+def test_validation_reports_nats_per_token_and_bits_per_byte(tmp_path):
+    """val_loss and val_bpb of a {text} file against a computation from the raw text: every token
+    after <bos> is scored; the bytes are the UTF-8 bytes of the text (the closing <eos> stands for
+    none, so its loss counts per token but not per byte)."""
+    texts = ["MiniMind 从零开始训练一个小模型。", "Bits per byte compare tokenizers: 3.14159 12345!"]
+    path = tmp_path / "held_out.jsonl"
+    path.write_text("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts), encoding="utf-8")
+    tokenizer = loader.load_tokenizer("model")
+    model = tiny_model(3).eval()
+    validation = engine.Validation(path, tokenizer, 128, 1, engine.Runtime(torch.device("cpu"), torch.float32))
+    figures = validation(model)
+
+    nll_all, tokens, nll_text, text_bytes = 0.0, 0, 0.0, 0
+    for text in texts:
+        ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            log_probs = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+        nll = -log_probs.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).double()
+        nll_all, tokens = nll_all + float(nll.sum()), tokens + len(ids) - 1
+        nll_text, text_bytes = nll_text + float(nll[:-1].sum()), text_bytes + len(text.encode("utf-8"))
+    assert figures["val_loss"] == pytest.approx(nll_all / tokens, rel=1e-6)
+    assert figures["val_bpb"] == pytest.approx(nll_text / (math.log(2) * text_bytes), rel=1e-6)

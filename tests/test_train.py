@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from conftest import (assert_ranks_in_sync, kill_then_resume, losses, run_trainer, tiny_flags, torchrun,
-                      trainer_command)
+from conftest import (assert_ranks_in_sync, assert_same_losses, kill_then_resume, losses, read_metrics, run_trainer,
+                      tiny_flags, torchrun, trainer_command)
 
 
 def test_sigkill_then_resume_continues_exactly(small_data, tmp_path):
@@ -140,3 +140,59 @@ def test_every_trainer_help_shows_its_usage_lines_as_written():
         first_usage = next(line for line in (trainer_dir / script).read_text().splitlines() if line.startswith("    python "))
         assert first_usage in outputs[script].splitlines(), script
         assert "--from_resume" in outputs[script] or script == "train_tokenizer.py"
+
+
+def test_rerunning_a_finished_run_adds_nothing_and_more_epochs_continue(small_data, tmp_path):
+    """`--from_resume 1` on a finished run says it is complete and exits 0 without a step; asked
+    for a second epoch, it trains on from the saved step."""
+    data = tmp_path / "forty.jsonl"
+    data.write_text("".join(small_data["pretrain"].read_text(encoding="utf-8").splitlines(True)[:40]), encoding="utf-8")
+    flags = tiny_flags(tmp_path, data, "--from_resume", "1")
+    run_trainer("train_pretrain.py", flags)
+    metrics = tmp_path / "out" / "pretrain_64.metrics.jsonl"
+    finished = metrics.read_text()
+    last_step = max(losses(metrics))
+    assert last_step >= 3
+
+    again = run_trainer("train_pretrain.py", flags)
+    assert "the run is complete" in again.stdout + again.stderr
+    assert metrics.read_text() == finished
+
+    more = run_trainer("train_pretrain.py", flags + ["--epochs", "2"])
+    assert f"training on from step {last_step}" in more.stdout + more.stderr
+    steps = sorted(losses(metrics))
+    assert steps[:last_step] == list(range(1, last_step + 1)) and max(steps) > last_step
+
+
+def test_rerunning_with_a_higher_max_steps_continues_from_the_saved_step(small_data, tmp_path):
+    flags = tiny_flags(tmp_path, small_data["pretrain"], "--from_resume", "1", "--max_steps")
+    run_trainer("train_pretrain.py", flags + ["3"])
+    metrics = tmp_path / "out" / "pretrain_64.metrics.jsonl"
+    again = run_trainer("train_pretrain.py", flags + ["3"])
+    assert "the run is complete" in again.stdout + again.stderr and max(losses(metrics)) == 3
+    run_trainer("train_pretrain.py", flags + ["5"])
+    assert sorted(losses(metrics)) == [1, 2, 3, 4, 5]
+
+
+def test_validation_is_logged_at_every_eval_interval_and_at_the_end(small_data, tmp_path):
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(small_data["sft"].read_text(encoding="utf-8").splitlines(True)[-20:]), encoding="utf-8")
+    run_trainer("train_full_sft.py", tiny_flags(tmp_path, small_data["sft"], "--from_weight", "none", "--max_steps", "7",
+                                                "--eval_data", str(held_out), "--eval_interval", "3",
+                                                "--log_interval", "2"))
+    records = {r["step"]: r for r in read_metrics(tmp_path / "out" / "full_sft_64.metrics.jsonl")}
+    validated = sorted(step for step, r in records.items() if "val_loss" in r)
+    assert validated == [3, 6, 7]
+    assert sorted(records) == [2, 3, 4, 6, 7]
+    for step in validated:
+        assert 0 < records[step]["val_bpb"] and 0 < records[step]["val_loss"] < 10
+    assert records[7]["val_loss"] < records[3]["val_loss"]
+
+
+def test_compiled_training_logs_the_same_losses(small_data, tmp_path):
+    """`--use_compile 1` (torch.compile, inductor on the CPU) trains the same function."""
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    run_trainer("train_pretrain.py", tiny_flags(plain, small_data["pretrain"], "--max_steps", "3"))
+    run_trainer("train_pretrain.py", tiny_flags(compiled, small_data["pretrain"], "--max_steps", "3", "--use_compile", "1"))
+    expected = losses(plain / "out" / "pretrain_64.metrics.jsonl")
+    assert_same_losses(losses(compiled / "out" / "pretrain_64.metrics.jsonl"), expected, tolerance=1e-4)

@@ -6,9 +6,13 @@ loss, its extra models. Everything else lives here, once:
 * flags shared by all stages (`stage_parser`), with the original MiniMind's names;
 * the runtime: device, dtype, autocast, seeding, `torchrun` process groups (`setup_runtime`);
 * model and tokenizer loading, weight files with their config sidecar (`load_model`, `save_weights`);
-* the optimisation loop (`Trainer`): gradient accumulation normalised by loss-bearing tokens, clipping,
-  fp16 loss scaling, warmup + cosine LR, a NaN/inf guard, progress bar, metrics jsonl, optional
-  wandb/swanlab, and atomic resume checkpoints that continue exactly where a killed run stopped.
+* the optimisation core (`Trainer.train_step`): one optimizer step over a window of micro-batches
+  whose loss is a sum over `count` units, normalised by the units of the whole step across
+  micro-batches and processes; clipping, fp16 loss scaling, warmup + cosine LR, a NaN/inf guard;
+* logging (progress bar, metrics jsonl, optional wandb/swanlab), validation on held-out data
+  (`--eval_data`), and atomic resume checkpoints that continue exactly where a killed run stopped;
+* the supervised loop (`train`), which reads top to bottom. The RL stages have their own loop, in
+  `trainer/rl.py`; both use the same `Trainer`.
 """
 
 from __future__ import annotations
@@ -23,17 +27,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+from tokenizers.pre_tokenizers import ByteLevel
 
-from dataset.lm_dataset import PackedBatches
+from dataset.lm_dataset import PackedBatches, dataset_for_file, pad_rows
 from model import loader
-from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, next_token_nll
 
 REPO_ROOT = loader.REPO_ROOT
 
@@ -92,6 +97,12 @@ def stage_parser(description: str, *, save_weight: str, from_weight: str, learni
     runtime.add_argument("--use_wandb", action="store_true", help="log to wandb (or swanlab if wandb is absent); offline without an API key")
     runtime.add_argument("--wandb_project", default="MiniMind")
     runtime.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many consecutive non-finite losses/gradients")
+
+    validation = parser.add_argument_group("validation")
+    validation.add_argument("--eval_data", default=None,
+                            help="held-out jsonl ({text} or {conversations}): its loss is logged as val_loss (nats/token) "
+                                 "and val_bpb (bits per byte) every --eval_interval steps and at the end (default: none)")
+    validation.add_argument("--eval_interval", type=int, default=100, help="optimizer steps between validations")
     return parser
 
 
@@ -370,16 +381,92 @@ class MetricsFile:
 
 
 # ---------------------------------------------------------------------------------------------
-# The optimisation loop
+# Validation: held-out loss in nats per token and bits per byte
+# ---------------------------------------------------------------------------------------------
+
+def token_byte_lengths(tokenizer) -> torch.Tensor:
+    """UTF-8 bytes of text each token id stands for; 0 for special tokens, which stand for none.
+
+    A byte-level BPE token (GPT-2, MiniMind, Qwen) is written in an alphabet of one printable character
+    per byte, so its length is its byte count even when it holds half a Chinese character, which
+    decoding alone would turn into a 3-byte U+FFFD. Other vocabularies are decoded token by token."""
+    byte_alphabet = set(ByteLevel.alphabet())  # the 256 characters that stand for the 256 bytes
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    lengths = torch.zeros(len(tokenizer), dtype=torch.float64)
+    for token_id in range(len(tokenizer)):
+        if token_id in special:
+            continue
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if token is not None and all(char in byte_alphabet for char in token):
+            lengths[token_id] = len(token)
+        else:
+            lengths[token_id] = len(tokenizer.decode([token_id]).encode("utf-8"))
+    return lengths
+
+
+class Validation:
+    """`--eval_data`: the model's next-token loss on held-out data, every `--eval_interval` steps.
+
+    The file is read like eval_llm's perplexity file: `{"text"}` lines score every token,
+    `{"conversations"}` lines only the assistant's replies. Two figures:
+
+        val_loss = sum of NLL / scored tokens                              nats per token
+        val_bpb  = sum of NLL over tokens that stand for text / (ln 2 * their UTF-8 bytes)
+
+    Bits per byte does not depend on the tokenizer (a tokenizer with longer tokens has a higher loss
+    per token but as many bytes to predict), so runs with different vocabularies compare. It is the
+    plain cross-entropy whatever the stage trains on (DPO, RL, distillation): how well the model still
+    predicts held-out text. Each process scores every world_size-th document; sums are all-reduced."""
+
+    def __init__(self, path: Path, tokenizer, max_seq_len: int, batch_size: int, runtime: Runtime):
+        try:
+            self.dataset = dataset_for_file(path, tokenizer, max_seq_len)
+            self.dataset.file.check_all()
+        except ValueError as error:
+            sys.exit(f"error: --eval_data {error}")
+        self.path, self.batch_size, self.runtime = path, batch_size, runtime
+        self.byte_lengths = token_byte_lengths(tokenizer)
+        self.indices = list(range(runtime.rank, len(self.dataset), runtime.world_size))
+        runtime.print(f"validation: {path} ({len(self.dataset):,} lines)")
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        nll_sum, tokens, text_nll_sum, text_bytes = 0.0, 0.0, 0.0, 0.0
+        device = self.runtime.device
+        for start in range(0, len(self.indices), self.batch_size):
+            items = [self.dataset[i] for i in self.indices[start:start + self.batch_size]]
+            batch = pad_rows(items, max(len(item["input_ids"]) for item in items), self.dataset.pad_token_id)
+            batch = {key: value.to(device) for key, value in batch.items()}
+            with self.runtime.autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll = next_token_nll(logits, batch["labels"]).double()
+            targets = batch["labels"][:, 1:]
+            scored = targets != -100
+            token_bytes = self.byte_lengths.to(device)[targets.clamp(min=0)] * scored
+            nll_sum += float(nll.sum())
+            tokens += float(scored.sum())
+            text_nll_sum += float((nll * (token_bytes > 0)).sum())
+            text_bytes += float(token_bytes.sum())
+        model.train(was_training)
+        nll_sum, tokens, text_nll_sum, text_bytes = self.runtime.all_reduce(
+            [nll_sum, tokens, text_nll_sum, text_bytes]).tolist()
+        return {"val_loss": nll_sum / max(tokens, 1.0), "val_bpb": text_nll_sum / (math.log(2) * max(text_bytes, 1.0))}
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimisation core: one optimizer step over a window of micro-batches
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
 class LossOutput:
     """What a stage's loss function returns for one micro-batch.
 
-    `loss_sum` is summed over `count` units (loss-bearing tokens, preference pairs, ...); the engine
-    divides by the units of the whole optimizer step across micro-batches and processes, so every
-    token weighs the same however the batches were cut. `aux_loss` (MoE balance) is added as is.
+    `loss_sum` is summed over `count` units (loss-bearing tokens, preference pairs, response tokens);
+    the engine divides by the units of the whole optimizer step, over every micro-batch and process,
+    so every unit weighs the same however the batches were cut. `aux_loss` (MoE balance) is a mean
+    over the micro-batch, added to each of its units; `metrics` are averaged over the micro-batches.
     """
     loss_sum: torch.Tensor
     count: int
@@ -403,20 +490,26 @@ def cosine_lr(step: int, total_steps: int, peak: float, warmup_steps: int) -> fl
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
+def labelled_tokens(batch: dict) -> int:
+    """Loss-bearing tokens of a micro-batch, for the `tokens` figure of the metrics: those of every
+    `*labels` tensor (`labels`, or DPO's `chosen_labels` and `rejected_labels`)."""
+    return sum(int((labels[:, 1:] != -100).sum()) for key, labels in batch.items() if key.endswith("labels"))
+
+
 class Trainer:
     """Owns the model's optimisation: optimizer, schedule, precision, DDP, logging, checkpoints.
 
-    Supervised stages call `fit(batches, loss_fn)`. Stages with their own loop (RL) use the parts:
-    `backward`, `optimizer_step`, `log`, `maybe_save`, `save`, with `state_objects` carried in the
-    resume checkpoint.
+    A loop uses it in four calls (see `train` below, and `trainer/rl.py`):
+    `start(batches)` plans the schedule and resumes, `windows(batches)` yields the micro-batches of
+    each optimizer step, `train_step(window, loss_fn)` takes that step, `finish()` saves.
+    `save_if_due` writes resume checkpoints between windows; `state_objects` ride along in them.
     """
 
-    def __init__(self, args: argparse.Namespace, runtime: Runtime, model: torch.nn.Module,
+    def __init__(self, args: argparse.Namespace, runtime: Runtime, model: torch.nn.Module, *, tokenizer=None,
                  state_objects: dict[str, Any] | None = None, params: Iterable[torch.nn.Parameter] | None = None,
                  weight_saver: Callable[[torch.nn.Module, Path], None] = save_weights,
-                 weights_path: Path | None = None):
+                 weights_path: Path | None = None, eval_model: torch.nn.Module | None = None):
         self.args, self.runtime = args, runtime
-        self.raw_model = model
         self.state_objects = state_objects or {}
         self.weight_saver = weight_saver
         config = unwrap(model).config
@@ -426,25 +519,228 @@ class Trainer:
         trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+        self.eval_model = eval_model or model
+        self.validation = None
+        if getattr(args, "eval_data", None):
+            if tokenizer is None:
+                raise ValueError("--eval_data needs the tokenizer: pass it to Trainer(tokenizer=...)")
+            self.validation = Validation(loader.resolve_path(args.eval_data), tokenizer, args.max_seq_len,
+                                         args.batch_size, runtime)
         self.model = model
         if args.use_compile:
             self.model = torch.compile(self.model)
         if runtime.distributed:
             self.model = DistributedDataParallel(self.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-        self.step, self.epoch, self.tokens, self.elapsed = 0, 0, 0, 0.0
+        self.step, self.epoch, self.epochs_completed, self.tokens, self.elapsed = 0, 0, 0, 0, 0.0
         self.bad_steps, self.skipped_steps, self.total_steps = 0, 0, 0
         self.logger_id: str | None = None
-        self.resumed = False
+        self.resumed = False           # a resume checkpoint was loaded
+        self.mid_epoch = False         # ... and the data continues where it stopped
         self.saved_step: int | None = None
+        self.last_record: dict | None = None
 
-    # --- resume -------------------------------------------------------------------------------
+    # --- the plan of the run ------------------------------------------------------------------
+
+    def start(self, batches: Batches, updates_per_window: int = 1) -> bool:
+        """Plan the LR schedule over every epoch, resume if asked, open the logs. Returns False (and
+        says so) when the resumed run has already trained everything these flags ask for."""
+        steps_per_epoch = math.ceil(batches.estimated_batches_per_epoch() / self.args.accumulation_steps)
+        self.total_steps = self.args.epochs * steps_per_epoch * updates_per_window
+        self.state_objects["data"] = batches  # its position is part of the resume state
+        if self.load_resume() and self.complete():
+            self.runtime.print(f"{self.stem}: the run is complete ({self.step} steps, {self.epochs_completed} of "
+                               f"{self.args.epochs} epoch(s)); nothing to train. Raise --epochs or --max_steps "
+                               f"to train on from step {self.step}.")
+            return False
+        self.start_logging()
+        self.model.train()
+        return True
+
+    def planned_steps(self) -> int:
+        return min(self.total_steps, self.args.max_steps) if self.args.max_steps else self.total_steps
+
+    def complete(self) -> bool:
+        return self.epochs_completed >= self.args.epochs or (self.args.max_steps and self.step >= self.args.max_steps)
+
+    @property
+    def done(self) -> bool:
+        """`--max_steps` reached (otherwise the run ends when its epochs do)."""
+        return bool(self.args.max_steps) and self.step >= self.args.max_steps
+
+    def windows(self, batches: Batches) -> Iterator[list[dict]]:
+        """The micro-batches of each optimizer step, `--accumulation_steps` at a time, epoch after
+        epoch from where the run stands. Every process gets the same number of windows whatever its
+        share of the data: one that runs out ends the epoch for all."""
+        for epoch in range(self.epoch, self.args.epochs):
+            if not self.mid_epoch:
+                batches.set_epoch(epoch)
+            self.epoch, self.mid_epoch = epoch, False
+            iterator = iter(batches)
+            while True:
+                window = [batch for batch in (next(iterator, None) for _ in range(self.args.accumulation_steps))
+                          if batch is not None]
+                if self.runtime.all_reduce(len(window), "min").item() == 0:
+                    break
+                yield window
+            self.epochs_completed = epoch + 1
+
+    # --- the optimizer step -------------------------------------------------------------------
+
+    def train_step(self, window: list[dict], loss_fn: Callable[[torch.nn.Module, dict], LossOutput]) -> bool:
+        """One optimizer step over `window`: the gradient of
+
+            sum over micro-batches and processes of (loss_sum + count * aux_loss) / sum of count
+
+        i.e. the mean over every unit of the step, however the units fall into micro-batches.
+
+        The step's units are known only once every micro-batch has been through the model, so the
+        micro-batches are backpropagated against a provisional denominator (the first micro-batch's
+        units, over all processes, times the window's length: the right one when micro-batches are
+        equal) and the gradients corrected by one factor at the end, before clipping. Megatron-LM's
+        per-token loss does the same; the provisional scale keeps the gradients the size of a mean,
+        which fp16 loss scaling relies on. DDP averages gradients over processes, hence the world
+        size in the numerator. Returns whether the optimizer stepped."""
+        device, world_size = self.runtime.device, self.runtime.world_size
+        loss_total, units, provisional, finite, metric_sums = 0.0, 0, 0.0, True, {}
+        for i, batch in enumerate(window):
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with self.runtime.autocast():
+                out = loss_fn(self.model, batch)
+            if i == 0:
+                provisional = max(self.runtime.all_reduce(out.count).item(), 1.0) * len(window)
+            loss = (out.loss_sum + out.count * out.aux_loss) * world_size / provisional
+            finite &= bool(torch.isfinite(loss))
+            self.backward(loss, sync=i == len(window) - 1)
+            loss_total += float(out.loss_sum.detach())
+            units += out.count
+            moe = {"aux_loss": float(torch.as_tensor(out.aux_loss).detach())} if unwrap(self.model).config.use_moe else {}
+            for key, value in {**out.metrics, **moe}.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value) / len(window)
+        loss_total, units, tokens = self.runtime.all_reduce(
+            [loss_total, units, sum(labelled_tokens(batch) for batch in window)]).tolist()
+        if provisional != max(units, 1.0):  # (fp16's loss-scaled gradients scale linearly too)
+            for param in self.trainable_params():
+                if param.grad is not None:
+                    param.grad.mul_(provisional / max(units, 1.0))
+        stepped, grad_norm = self.optimizer_step(finite)
+        if stepped:
+            self.log(loss_total / max(units, 1.0), {**metric_sums, "grad_norm": grad_norm}, int(tokens))
+        return stepped
+
+    def trainable_params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        context = contextlib.nullcontext() if sync or not self.runtime.distributed else self.model.no_sync()
+        with context:
+            self.scaler.scale(loss).backward()
+
+    def lr_at(self, step: int) -> float:
+        return cosine_lr(step, self.total_steps, self.args.learning_rate, self.args.warmup_steps)
+
+    def optimizer_step(self, loss_is_finite: bool) -> tuple[bool, float]:
+        """Clip and step. Returns (stepped, grad_norm).
+
+        Two reasons to skip a step, counted apart:
+        * a NaN/inf loss or gradient on any process is a bad step: skipped, counted in `skipped_steps`
+          and in the streak that stops the run after `--max_bad_steps` in a row;
+        * under fp16, gradients that overflowed the loss scale are loss scaling doing its job: the
+          scaler skips the step and halves its scale. Counted in `skipped_steps`, not in the streak.
+        Every process takes the same decision: the loss check is all-reduced, and the gradients
+        (hence their norm and the scaler's overflow check) are the same on all after DDP's all-reduce."""
+        params = self.trainable_params()
+        if self.runtime.all_reduce(float(loss_is_finite), "min").item() == 1.0:
+            lr = self.lr_at(self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.scaler.unscale_(self.optimizer)
+            max_norm = self.args.grad_clip if self.args.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if self.scaler.is_enabled():
+                scale = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)  # skips the update itself if the gradients hold inf/NaN
+                self.scaler.update()
+                overflowed = self.scaler.get_scale() < scale
+                healthy = True
+            else:
+                healthy, overflowed = math.isfinite(grad_norm), False
+                if healthy:
+                    self.optimizer.step()
+        else:
+            grad_norm, healthy, overflowed = float("nan"), False, False
+        self.optimizer.zero_grad(set_to_none=True)
+        if not healthy:
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            self.runtime.print(f"step {self.step + 1}: non-finite loss or gradient, step skipped ({self.bad_steps} in a row)")
+            if self.bad_steps >= self.args.max_bad_steps:
+                raise RuntimeError(f"{self.bad_steps} non-finite steps in a row: stopping (lower --learning_rate or use --dtype float32)")
+            return False, grad_norm
+        self.bad_steps = 0
+        if overflowed:
+            self.skipped_steps += 1
+            return False, grad_norm
+        self.step += 1
+        return True, grad_norm
+
+    # --- logging ------------------------------------------------------------------------------
+
+    def start_logging(self) -> None:
+        self.metrics_file = MetricsFile(save_dir(self.args) / f"{self.stem}.metrics.jsonl",
+                                        self.step if self.resumed else None) if self.runtime.is_main else None
+        self.logger: NullLogger = NullLogger()
+        if self.args.use_wandb and self.runtime.is_main:
+            self.logger = ExperimentLogger(self.args.wandb_project, self.stem, vars(self.args), self.logger_id,
+                                           save_dir(self.args))
+            self.logger_id = self.logger.run_id
+        self.run_start = time.perf_counter() - self.elapsed
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        self.progress = tqdm(total=self.planned_steps(), initial=self.step, disable=not self.runtime.is_main,
+                             dynamic_ncols=True, desc=self.args.save_weight, unit="step")
+
+    def validation_due(self) -> bool:
+        interval = getattr(self.args, "eval_interval", 0)
+        return self.validation is not None and (self.step >= self.planned_steps() or
+                                                (interval > 0 and self.step % interval == 0))
+
+    def log(self, loss: float, metrics: dict[str, float], window_tokens: int) -> None:
+        """Progress bar every step; metrics file + logger every `--log_interval` steps, at every
+        validation, and on the last step."""
+        self.tokens += window_tokens
+        self.window_tokens += window_tokens
+        self.elapsed = time.perf_counter() - self.run_start
+        now = time.perf_counter()
+        tokens_per_s = self.window_tokens / max(now - self.window_start, 1e-9)
+        lr = self.optimizer.param_groups[0]["lr"]
+        validated = self.validation(unwrap(self.eval_model)) if self.validation_due() else {}
+        self.progress.update(1)
+        postfix = dict(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+        if validated:
+            postfix["val"] = f"{validated['val_loss']:.4f}"
+        self.progress.set_postfix(postfix, refresh=False)
+        record = {"step": self.step, "epoch": self.epoch + 1, "loss": loss, "lr": lr, "tokens": self.tokens,
+                  "tokens_per_s": tokens_per_s, "elapsed_s": self.elapsed, "skipped_steps": self.skipped_steps,
+                  **metrics, **validated}
+        self.last_record = record
+        if self.step % self.args.log_interval == 0 or self.step >= self.planned_steps() or validated:
+            self.write_record(record)
+            self.window_start, self.window_tokens = now, 0
+
+    def write_record(self, record: dict) -> None:
+        if self.metrics_file:
+            self.metrics_file.write(record)
+        self.logger.log(record, record["step"])
+        record["written"] = True
+
+    # --- checkpoints --------------------------------------------------------------------------
 
     def resume_state(self) -> dict:
         return {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "step": self.step, "epoch": self.epoch, "tokens": self.tokens, "elapsed": self.elapsed,
+            "step": self.step, "epoch": self.epoch, "epochs_completed": self.epochs_completed,
+            "epochs": self.args.epochs, "max_steps": self.args.max_steps, "tokens": self.tokens, "elapsed": self.elapsed,
             "skipped_steps": self.skipped_steps, "total_steps": self.total_steps,
             "dtype": str(self.runtime.dtype).removeprefix("torch."),
             "world_size": self.runtime.world_size, "logger_id": self.logger_id,
@@ -470,6 +766,25 @@ class Trainer:
         self.saved_step = self.step
         if self.runtime.distributed:
             dist.barrier()
+
+    def save_if_due(self, steps_before: int) -> None:
+        """Save when the steps since `steps_before` crossed a multiple of `--save_interval`. Called
+        between windows only, so a resumed run never needs a window (an RL rollout) that was not saved."""
+        if self.step // self.args.save_interval > steps_before // self.args.save_interval:
+            self.save()
+
+    def finish(self) -> None:
+        if self.validation is not None and self.last_record and "val_loss" not in self.last_record:
+            # the epochs ended before the planned last step: validate the final weights now
+            record = {key: value for key, value in self.last_record.items() if key != "written"}
+            self.write_record({**record, **self.validation(unwrap(self.eval_model))})
+        elif self.last_record and not self.last_record.get("written"):
+            self.write_record(self.last_record)  # the last step is always in the metrics
+        self.save()
+        self.progress.close()
+        self.logger.finish()
+        self.runtime.print(f"saved {self.weights_path} after {self.step} steps, {self.tokens:,} loss-bearing tokens, "
+                           f"{self.elapsed:.0f}s")
 
     def agreed_resume_file(self) -> Path | None:
         """The resume file to load: the latest step for which every rank holds a state. Ranks save one
@@ -499,7 +814,8 @@ class Trainer:
 
     def load_resume(self) -> bool:
         """Load the resume checkpoint if `--from_resume 1` and one exists (never a half-written one:
-        saves are atomic renames, and only the final names are read)."""
+        saves are atomic renames, and only the final names are read). A run asked for more epochs
+        than it was saved with keeps its step and plans the LR schedule over the new length."""
         if not self.args.from_resume:
             return False
         path = self.agreed_resume_file()
@@ -511,8 +827,12 @@ class Trainer:
         unwrap(self.model).load_state_dict(state["model"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        for key in ("step", "epoch", "tokens", "elapsed", "skipped_steps", "total_steps"):
+        for key in ("step", "epoch", "tokens", "elapsed", "skipped_steps"):
             setattr(self, key, state[key])
+        saved_epochs = state.get("epochs", self.args.epochs)
+        if saved_epochs == self.args.epochs:
+            self.total_steps = state["total_steps"]
+        self.epochs_completed = state.get("epochs_completed", 0)
         self.logger_id = state["logger_id"]
         for name, obj in self.state_objects.items():
             obj.load_state_dict(state["objects"][name])
@@ -523,211 +843,57 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if state["dtype"] != str(self.runtime.dtype).removeprefix("torch."):
             self.runtime.print(f"note: resuming a {state['dtype']} run in {self.runtime.dtype}")
-        self.runtime.print(f"resumed from {path} at step {self.step} (epoch {self.epoch + 1})")
+        self.mid_epoch = self.epochs_completed <= self.epoch
+        if not self.mid_epoch:  # the saved epoch had ended: the next one starts from its beginning
+            self.epoch = self.epochs_completed
+        self.runtime.print(f"resumed from {path} at step {self.step} (epoch {min(self.epoch, self.args.epochs - 1) + 1})")
+        saved_max_steps = state.get("max_steps", 0)
+        finished = self.epochs_completed >= saved_epochs or bool(saved_max_steps and self.step >= saved_max_steps)
+        if finished and not self.complete():
+            self.runtime.print(f"the saved run had finished (--epochs {saved_epochs}, --max_steps {saved_max_steps}); "
+                               f"these flags ask for more (--epochs {self.args.epochs}, --max_steps {self.args.max_steps}): "
+                               f"training on from step {self.step}")
         self.resumed = True
         self.saved_step = self.step
         return True
 
-    # --- one optimizer step -------------------------------------------------------------------
 
-    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
-        context = contextlib.nullcontext() if sync or not self.runtime.distributed else self.model.no_sync()
-        with context:
-            self.scaler.scale(loss).backward()
+# ---------------------------------------------------------------------------------------------
+# The supervised loop, and the loss of every next-token stage
+# ---------------------------------------------------------------------------------------------
 
-    def lr_at(self, step: int) -> float:
-        return cosine_lr(step, self.total_steps, self.args.learning_rate, self.args.warmup_steps)
-
-    def optimizer_step(self, loss_is_finite: bool) -> tuple[bool, float]:
-        """Clip and step, unless the loss or the gradient is NaN/inf on any process: then skip the step
-        (count it) and stop after `--max_bad_steps` in a row. Returns (stepped, grad_norm)."""
-        lr = self.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.scaler.unscale_(self.optimizer)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        max_norm = self.args.grad_clip if self.args.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        finite = self.runtime.all_reduce(float(loss_is_finite and math.isfinite(grad_norm)), "min").item() == 1.0
-        if self.scaler.is_enabled():
-            # fp16: the scaler skips steps with inf gradients itself and lowers its scale; that is
-            # loss scaling doing its job, not a bad step.
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            finite = finite or not loss_is_finite
-        elif finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if not finite:
-            self.bad_steps += 1
-            self.skipped_steps += 1
-            self.runtime.print(f"step {self.step + 1}: non-finite loss or gradient, step skipped ({self.bad_steps} in a row)")
-            if self.bad_steps >= self.args.max_bad_steps:
-                raise RuntimeError(f"{self.bad_steps} non-finite steps in a row: stopping (lower --learning_rate or use --dtype float32)")
-            return False, grad_norm
-        self.bad_steps = 0
-        self.step += 1
-        return True, grad_norm
-
-    # --- logging and saving -------------------------------------------------------------------
-
-    def start_logging(self) -> None:
-        self.metrics_file = MetricsFile(save_dir(self.args) / f"{self.stem}.metrics.jsonl",
-                                        self.step if self.resumed else None) if self.runtime.is_main else None
-        self.logger: NullLogger = NullLogger()
-        if self.args.use_wandb and self.runtime.is_main:
-            self.logger = ExperimentLogger(self.args.wandb_project, self.stem, vars(self.args), self.logger_id,
-                                           save_dir(self.args))
-            self.logger_id = self.logger.run_id
-        self.run_start = time.perf_counter() - self.elapsed
-        self.window_start, self.window_tokens = time.perf_counter(), 0
-        self.progress = tqdm(total=self.planned_steps(), initial=self.step, disable=not self.runtime.is_main,
-                             dynamic_ncols=True, desc=self.args.save_weight, unit="step")
-
-    def planned_steps(self) -> int:
-        return min(self.total_steps, self.args.max_steps) if self.args.max_steps else self.total_steps
-
-    def log(self, loss: float, metrics: dict[str, float], window_tokens: int) -> None:
-        """Progress bar every step; metrics file + logger every `--log_interval` steps and on the last."""
-        self.tokens += window_tokens
-        self.window_tokens += window_tokens
-        self.elapsed = time.perf_counter() - self.run_start
-        now = time.perf_counter()
-        tokens_per_s = self.window_tokens / max(now - self.window_start, 1e-9)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.progress.update(1)
-        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
-        if self.step % self.args.log_interval == 0 or self.step >= self.planned_steps():
-            record = {"step": self.step, "epoch": self.epoch + 1, "loss": loss, "lr": lr, "tokens": self.tokens,
-                      "tokens_per_s": tokens_per_s, "elapsed_s": self.elapsed, "skipped_steps": self.skipped_steps,
-                      **metrics}
-            if self.metrics_file:
-                self.metrics_file.write(record)
-            self.logger.log(record, self.step)
-            self.window_start, self.window_tokens = now, 0
-
-    def maybe_save(self) -> None:
-        if self.step % self.args.save_interval == 0:
-            self.save()
-
-    def finish(self) -> None:
-        self.save()
-        self.progress.close()
-        self.logger.finish()
-        self.runtime.print(f"saved {self.weights_path} after {self.step} steps, {self.tokens:,} loss-bearing tokens, "
-                           f"{self.elapsed:.0f}s")
-
-    # --- the supervised loop ------------------------------------------------------------------
-
-    def fit(self, batches: Batches, loss_fn: Callable[[torch.nn.Module, dict], LossOutput],
-            prepare_window: Callable[[list[dict]], list[dict]] | None = None, updates_per_window: int = 1,
-            after_window: Callable[[list[dict]], None] | None = None) -> None:
-        """Epochs of: gather `accumulation_steps` micro-batches, count their loss units across
-        processes, backpropagate sum(loss) / units, step. Stops at `--max_steps` if set.
-
-        RL stages first turn each window of prompt batches into scored rollouts (`prepare_window`, no
-        gradients), take `updates_per_window` optimizer steps over them (PPO epochs), then call
-        `after_window`. Resume checkpoints are written between windows only, so a resumed run never
-        needs a rollout that was not saved."""
-        accumulation = self.args.accumulation_steps
-        steps_per_epoch = math.ceil(batches.estimated_batches_per_epoch() / accumulation) * updates_per_window
-        self.total_steps = self.args.epochs * steps_per_epoch
-        self.state_objects["data"] = batches  # its position is part of the resume state
-        self.load_resume()
-        self.start_logging()
-        self.model.train()
-        for epoch in range(self.epoch, self.args.epochs):
-            if epoch != self.epoch or not self.resumed:
-                batches.set_epoch(epoch)
-            self.epoch = epoch
-            iterator = iter(batches)
-            while True:
-                window = [batch for batch in (next(iterator, None) for _ in range(accumulation)) if batch is not None]
-                # Every process must take the same number of steps, whatever its share of the data.
-                if self.runtime.all_reduce(len(window), "min").item() == 0:
-                    break
-                if prepare_window is not None:
-                    window = prepare_window(window)
-                steps_before = self.step
-                for _ in range(updates_per_window):
-                    self.train_step(window, loss_fn, save=False)
-                    if self.args.max_steps and self.step >= self.args.max_steps:
-                        break
-                if after_window is not None:
-                    after_window(window)
-                if self.step // self.args.save_interval > steps_before // self.args.save_interval:
-                    self.save()
-                if self.args.max_steps and self.step >= self.args.max_steps:
-                    self.finish()
-                    return
-            self.resumed = False
-        self.finish()
-
-    def train_step(self, window: list[dict], loss_fn: Callable[[torch.nn.Module, dict], LossOutput],
-                   save: bool = True) -> None:
-        device = self.runtime.device
-        window = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                  for batch in window]
-        local_counts = [sum(loss_units(batch) for batch in window), sum(labelled_tokens(batch) for batch in window)]
-        total_units, total_tokens = self.runtime.all_reduce(local_counts).tolist()
-        loss_total, finite, metric_sums = 0.0, True, {}
-        for i, batch in enumerate(window):
-            with self.runtime.autocast():
-                out = loss_fn(self.model, batch)
-            # DDP averages gradients over processes, hence the world size in the numerator.
-            loss = out.loss_sum * self.runtime.world_size / max(total_units, 1) + out.aux_loss / len(window)
-            finite &= bool(torch.isfinite(loss))
-            self.backward(loss, sync=i == len(window) - 1)
-            loss_total += float(out.loss_sum.detach())
-            for key, value in {**out.metrics, **({"aux_loss": float(out.aux_loss)} if unwrap(self.model).config.use_moe else {})}.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(value) / len(window)
-        stepped, grad_norm = self.optimizer_step(finite)
-        if not stepped:
-            return
-        mean_loss = self.runtime.all_reduce(loss_total).item() / max(total_units, 1)
-        self.log(mean_loss, {**metric_sums, "grad_norm": grad_norm}, int(total_tokens))
-        if save:
-            self.maybe_save()
-
-
-def loss_units(batch: dict) -> int:
-    """Loss-bearing units of a micro-batch: the count the stage put there, else labelled tokens
-    (labels are aligned with input_ids and shifted by the model, so position 0 never counts)."""
-    if "loss_units" in batch:
-        return int(batch["loss_units"])
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
-def labelled_tokens(batch: dict) -> int:
-    """Loss-bearing tokens of a micro-batch, for the `tokens` figure of the metrics: those of every
-    `*labels` tensor (`labels`, or DPO's `chosen_labels` and `rejected_labels`)."""
-    return sum(int((labels[:, 1:] != -100).sum()) for key, labels in batch.items() if key.endswith("labels"))
-
-
-def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(labels[:, t] | tokens before t) for t >= 1, shape (B, T - 1), and 0 where the label is -100:
-    the per-token log-likelihoods that DPO sums and RL ratios compare. (Cross-entropy with no reduction is
-    exactly -log p of the target, without materialising the log-softmax of the whole vocabulary.)"""
-    targets = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                            ignore_index=-100, reduction="none")
-    return -nll.view_as(targets)
+def train(trainer: Trainer, batches: Batches, loss_fn: Callable[[torch.nn.Module, dict], LossOutput]) -> None:
+    """Epochs of: take `--accumulation_steps` micro-batches, one optimizer step on the mean of their
+    loss, a checkpoint every `--save_interval` steps; stop at `--max_steps` if set."""
+    if not trainer.start(batches):
+        return
+    for window in trainer.windows(batches):
+        steps_before = trainer.step
+        trainer.train_step(window, loss_fn)
+        trainer.save_if_due(steps_before)
+        if trainer.done:
+            break
+    trainer.finish()
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict) -> LossOutput:
     """Summed next-token cross-entropy over labelled tokens: the loss of pretraining and SFT."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 position_ids=batch.get("position_ids"))
-    labels = batch["labels"][:, 1:]
-    loss_sum = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                 ignore_index=-100, reduction="sum")
-    return LossOutput(loss_sum=loss_sum, count=int((labels != -100).sum()), aux_loss=out.aux_loss)
+    return LossOutput(loss_sum=next_token_nll(out.logits, batch["labels"], reduction="sum"),
+                      count=int((batch["labels"][:, 1:] != -100).sum()), aux_loss=out.aux_loss)
+
+
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels[:, t] | tokens before t) for t >= 1, shape (B, T - 1), and 0 where the label is -100:
+    the per-token log-likelihoods that DPO sums and RL ratios compare."""
+    return -next_token_nll(logits, labels)
 
 
 def train_language_model(args: argparse.Namespace, dataset_class: type, data_file: str, demo_file: str,
                          loss_fn: Callable[[torch.nn.Module, dict], LossOutput] = causal_lm_loss,
                          prepare_model: Callable[[torch.nn.Module, Runtime], dict[str, Any]] | None = None) -> None:
-    """The recipe of every next-token stage (pretraining, SFT, reasoning, LoRA): data -> model -> fit.
+    """The recipe of every next-token stage (pretraining, SFT, reasoning, LoRA): data -> model -> train.
     `prepare_model(model, runtime)`, if given, changes the loaded model before training (LoRA adds
     adapters) and returns extra `Trainer` arguments: which `params` train, the `weight_saver`, ..."""
     data_path = resolve_data_path(args, data_file, demo_file)
@@ -736,4 +902,5 @@ def train_language_model(args: argparse.Namespace, dataset_class: type, data_fil
     model = load_model(args, runtime)
     trainer_options = prepare_model(model, runtime) if prepare_model else {}
     dataset = open_dataset(dataset_class, data_path, tokenizer, args.max_seq_len, runtime)
-    Trainer(args, runtime, model, **trainer_options).fit(lm_batches(args, runtime, dataset), loss_fn)
+    trainer = Trainer(args, runtime, model, tokenizer=tokenizer, **trainer_options)
+    train(trainer, lm_batches(args, runtime, dataset), loss_fn)

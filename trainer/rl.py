@@ -18,7 +18,8 @@ The stage files hold their advantage and their loss. This module holds the rest,
   `LengthPenalty`) and model-based (`ModelReward`: any HF sequence-classification directory, scored in
   batches), summed with weights from the flags by `Rewards`, which also reports each component.
 * the pieces of the losses every stage uses (`clipped_surrogate`, `k3_kl`, `masked_mean`,
-  `masked_whiten`) and the recipe's common part (`stage_parser`, `setup`).
+  `masked_whiten`), the recipe's common part (`stage_parser`, `setup`), and the RL loop itself
+  (`train`: rollout, score, experience, update, log), which each stage drives with its `Algorithm`.
 
 Prompts longer than `--max_seq_len` tokens are cut by `RLAIFDataset` (`ChatEncoder.encode_prompt`):
 oldest turns first, never through the generation prompt.
@@ -120,6 +121,50 @@ def setup(args: argparse.Namespace) -> Setup:
                  engine.lm_batches(args, runtime, dataset))
 
 
+class Algorithm:
+    """What an RL stage adds to the loop below: how many responses it samples per prompt, the
+    advantages it computes from their scores (with whatever the updates compare against), and its
+    loss. `after_updates` lets a stage look at the policy once the window's updates are done."""
+    num_generations = 1
+
+    def experience(self, rollouts: list["Rollout"], scores: list[tuple[torch.Tensor, dict]]) -> list[dict]:
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> engine.LossOutput:
+        raise NotImplementedError
+
+    def after_updates(self, experience: list[dict]) -> None:
+        pass
+
+
+def train(args: argparse.Namespace, setup: Setup, trainer: engine.Trainer, algorithm: Algorithm) -> None:
+    """The RL loop. For each window of `--accumulation_steps` prompt batches:
+
+    1. rollout: sample responses from the current policy;
+    2. score: the reward functions give each response one number;
+    3. experience: the stage turns scores into advantages and fixes what its updates compare
+       against (the reference's log-probs, the sampling policy's);
+    4. update: `--ppo_epochs` optimizer steps on those rollouts (each step logs);
+    5. save every `--save_interval` steps, between windows, so a resume never needs a lost rollout."""
+    if not trainer.start(setup.batches, updates_per_window=args.ppo_epochs):
+        return
+    for window in trainer.windows(setup.batches):
+        rollouts = [sample(setup.policy, setup.tokenizer, prompts, args, setup.runtime, algorithm.num_generations)
+                    for prompts in window]
+        scores = [setup.rewards(rollout) for rollout in rollouts]
+        experience = algorithm.experience(rollouts, scores)
+        steps_before = trainer.step
+        for _ in range(args.ppo_epochs):
+            trainer.train_step(experience, algorithm.loss)
+            if trainer.done:
+                break
+        algorithm.after_updates(experience)
+        trainer.save_if_due(steps_before)
+        if trainer.done:
+            break
+    trainer.finish()
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------------
@@ -216,10 +261,23 @@ def frozen_log_probs(model: torch.nn.Module, batch: dict, args: argparse.Namespa
 
 
 def rollout_batch(rollout: Rollout) -> dict:
-    """The tensors of a rollout that the loss reads, in the engine's batch format: `labels` (-100
-    outside the responses) make the engine count response tokens as the loss units."""
+    """The tensors of a rollout that the loss reads, in the engine's batch format: `labels` are -100
+    outside the responses."""
     return {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
             "response_mask": rollout.response_mask, "labels": rollout.labels()}
+
+
+@torch.no_grad()
+def experience_batch(rollout: Rollout, scores: tuple[torch.Tensor, dict[str, torch.Tensor]],
+                     reference: torch.nn.Module, args: argparse.Namespace, runtime: engine.Runtime) -> dict:
+    """What every stage's updates read of one scored rollout: its tokens and masks (`labels` are -100
+    outside the responses), the reference's log-probs of the responses (for the KL term) and the
+    rollout's figures for the log. The stage adds its advantages."""
+    rewards, components = scores
+    batch = rollout_batch(rollout)
+    batch["ref_log_probs"] = frozen_log_probs(reference, batch, args, runtime)
+    batch["rollout_metrics"] = rollout_metrics(rollout, rewards, components)
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------

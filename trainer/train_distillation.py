@@ -23,14 +23,17 @@ import torch.nn.functional as F
 
 from dataset.lm_dataset import SFTDataset
 from model import loader
+from model.model_minimind import next_token_nll
 from trainer import engine
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       temperature: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, CE, KL), each summed over the N positions given: logits (N, vocab), targets (N,)."""
-    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
-    ce = F.cross_entropy(student_logits, targets, reduction="sum")
+    """(loss, CE, KL), each summed over the labelled positions of (B, T, vocab) logits; `labels` are
+    aligned with the input (-100 = not learned), so position t is scored on token t + 1."""
+    ce = next_token_nll(student_logits, labels, reduction="sum")
+    learned = labels[:, 1:] != -100
+    student_logits, teacher_logits = student_logits[:, :-1][learned].float(), teacher_logits[:, :-1][learned].float()
     kl = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1), F.log_softmax(teacher_logits / temperature, dim=-1),
                   log_target=True, reduction="sum") * temperature ** 2
     return alpha * ce + (1 - alpha) * kl, ce, kl
@@ -42,13 +45,9 @@ def distillation_step(model: torch.nn.Module, batch: dict, teacher: torch.nn.Mod
     out = model(**inputs)
     with torch.inference_mode():
         teacher_logits = teacher(**inputs).logits
-    # Position t predicts token t + 1; only the assistant's tokens are learned.
-    targets = batch["labels"][:, 1:]
-    learned = targets != -100
     # .clone(): the teacher's logits leave inference mode as an ordinary tensor the loss's graph may keep
-    loss_sum, ce, kl = distillation_loss(out.logits[:, :-1][learned], teacher_logits[:, :-1][learned].clone(),
-                                         targets[learned], temperature, alpha)
-    count = int(learned.sum())
+    loss_sum, ce, kl = distillation_loss(out.logits, teacher_logits.clone(), batch["labels"], temperature, alpha)
+    count = int((batch["labels"][:, 1:] != -100).sum())  # only the assistant's tokens are learned
     return engine.LossOutput(loss_sum=loss_sum, count=count, aux_loss=out.aux_loss,
                              metrics={"ce": ce.item() / max(count, 1), "kl": kl.item() / max(count, 1)})
 
@@ -90,7 +89,8 @@ def main() -> None:
                          f"student's ({student.config.vocab_size}): distillation needs one tokenizer")
     dataset = engine.open_dataset(SFTDataset, data_path, tokenizer, args.max_seq_len, runtime)
     step = partial(distillation_step, teacher=teacher_model, temperature=args.temperature, alpha=args.alpha)
-    engine.Trainer(args, runtime, student).fit(engine.lm_batches(args, runtime, dataset), step)
+    trainer = engine.Trainer(args, runtime, student, tokenizer=tokenizer)
+    engine.train(trainer, engine.lm_batches(args, runtime, dataset), step)
 
 
 if __name__ == "__main__":

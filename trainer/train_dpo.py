@@ -104,8 +104,8 @@ def preference_step(model: torch.nn.Module, batch: dict, args, reference: torch.
 # ---------------------------------------------------------------------------------------------
 
 class PairsWithReference(torch.utils.data.Dataset):
-    """DPO pairs whose batches say how many pairs they hold (`loss_units`: the engine normalises the
-    loss per pair, not per token) and, when precomputed, carry each pair's reference log-probs."""
+    """DPO pairs, padded side by side, whose batches carry each pair's reference log-probs when
+    they were precomputed."""
 
     packable = False
 
@@ -124,7 +124,7 @@ class PairsWithReference(torch.utils.data.Dataset):
 
     @staticmethod
     def collate(items: list[dict], max_length: int, pad_token_id: int) -> dict:
-        batch = {**pad_preference_pairs(items, pad_token_id), "loss_units": len(items)}
+        batch = pad_preference_pairs(items, pad_token_id)
         if "ref_chosen_logps" in items[0]:
             for key in ("ref_chosen_logps", "ref_rejected_logps"):
                 batch[key] = torch.stack([item[key] for item in items])
@@ -216,7 +216,8 @@ def main() -> None:
         dataset = PairsWithReference(pairs)
         reference = engine.load_frozen_model(args, runtime, reference_name, "--ref_weight")
     step = partial(preference_step, args=args, reference=reference)
-    engine.Trainer(args, runtime, policy).fit(engine.lm_batches(args, runtime, dataset), step)
+    trainer = engine.Trainer(args, runtime, policy, tokenizer=tokenizer)
+    engine.train(trainer, engine.lm_batches(args, runtime, dataset), step)
 
 
 if __name__ == "__main__":

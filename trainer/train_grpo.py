@@ -54,25 +54,30 @@ def group_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tenso
     return advantages.flatten()
 
 
-@torch.no_grad()
-def make_experience(window: list[dict], args: argparse.Namespace, setup: rl.Setup,
-                    trainer: engine.Trainer) -> list[dict]:
-    """Sample groups, score them, and fix what the updates compare against: advantages, the reference's
-    log-probs and (if several updates follow) the sampling policy's."""
-    experiences = []
-    for prompts in window:
-        rollout = rl.sample(trainer.model, setup.tokenizer, prompts, args, setup.runtime, args.num_generations)
-        rewards, components = setup.rewards(rollout)
-        batch = rl.rollout_batch(rollout)
-        batch["advantages"] = group_advantages(rewards, args.num_generations).to(setup.runtime.device)
-        batch["ref_log_probs"] = rl.frozen_log_probs(setup.reference, batch, args, setup.runtime)
-        batch["old_log_probs"] = rl.frozen_log_probs(trainer.model, batch, args, setup.runtime) \
-            if args.ppo_epochs > 1 else None
-        uniform = rewards.view(-1, args.num_generations).std(1) == 0
-        batch["rollout_metrics"] = {**rl.rollout_metrics(rollout, rewards, components),
-                                    "uniform_groups": float(uniform.float().mean())}
-        experiences.append(batch)
-    return experiences
+class GRPO(rl.Algorithm):
+    """Groups of `--num_generations` responses per prompt, each scored against its group."""
+
+    def __init__(self, args: argparse.Namespace, setup: rl.Setup):
+        self.args, self.setup = args, setup
+        self.num_generations = args.num_generations
+        self.surrogate = surrogate(args)
+
+    @torch.no_grad()
+    def experience(self, rollouts: list[rl.Rollout], scores: list[tuple[torch.Tensor, dict]]) -> list[dict]:
+        """Advantages, the reference's log-probs and (if several updates follow) the sampling policy's."""
+        args, setup, experience = self.args, self.setup, []
+        for rollout, (rewards, components) in zip(rollouts, scores):
+            batch = rl.experience_batch(rollout, (rewards, components), setup.reference, args, setup.runtime)
+            batch["advantages"] = group_advantages(rewards, self.num_generations).to(setup.runtime.device)
+            batch["old_log_probs"] = rl.frozen_log_probs(setup.policy, batch, args, setup.runtime) \
+                if args.ppo_epochs > 1 else None
+            uniform = rewards.view(-1, self.num_generations).std(1) == 0
+            batch["rollout_metrics"]["uniform_groups"] = float(uniform.float().mean())
+            experience.append(batch)
+        return experience
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> engine.LossOutput:
+        return rl.critic_free_loss(model, batch, self.args, self.surrogate)
 
 
 def main() -> None:
@@ -90,10 +95,8 @@ def main() -> None:
         args.epsilon_high = 4.0
 
     setup = rl.setup(args)
-    trainer = engine.Trainer(args, setup.runtime, setup.policy)
-    trainer.fit(setup.batches, partial(rl.critic_free_loss, args=args, surrogate=surrogate(args)),
-                updates_per_window=args.ppo_epochs,
-                prepare_window=partial(make_experience, args=args, setup=setup, trainer=trainer))
+    trainer = engine.Trainer(args, setup.runtime, setup.policy, tokenizer=setup.tokenizer)
+    rl.train(args, setup, trainer, GRPO(args, setup))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -72,32 +71,44 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-@torch.no_grad()
-def make_experience(window: list[dict], args: argparse.Namespace, setup: rl.Setup,
-                    trainer: engine.Trainer) -> list[dict]:
-    """Sample, score, and fix what the PPO epochs compare against: the sampling policy's log-probs and
-    values, the KL-shaped per-token rewards, advantages and returns."""
-    experiences = []
-    for prompts in window:
-        rollout = rl.sample(engine.unwrap(trainer.model).actor, setup.tokenizer, prompts, args, setup.runtime)
-        scores, components = setup.rewards(rollout)
-        batch = rl.rollout_batch(rollout)
-        mask = batch["response_mask"]
-        with setup.runtime.autocast():
-            old = rl.forward(engine.unwrap(trainer.model), batch)
-        batch["old_log_probs"] = rl.response_log_probs(old.logits, batch, args.temperature)
-        batch["old_values"] = old.values[:, :-1].float() * mask
-        batch["ref_log_probs"] = rl.frozen_log_probs(setup.reference, batch, args, setup.runtime)
-        token_rewards = -args.kl_coef * (batch["old_log_probs"] - batch["ref_log_probs"]) * mask
-        last_token = rollout.response_lengths.long() - 1
-        rows = torch.arange(len(last_token), device=mask.device)
-        token_rewards[rows, last_token] += scores.to(mask.device)
-        advantages, batch["returns"] = gae(token_rewards, batch["old_values"], mask, args.gamma, args.lam)
-        batch["advantages"] = rl.masked_whiten(advantages, mask)
-        batch["rollout_metrics"] = {**rl.rollout_metrics(rollout, scores, components),
-                                    "value": float(rl.masked_mean(batch["old_values"], mask))}
-        experiences.append(batch)
-    return experiences
+def kl_shaped_rewards(scores: torch.Tensor, old_log_probs: torch.Tensor, ref_log_probs: torch.Tensor,
+                      mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """r_t of the docstring, (N, R): -kl_coef * (log pi_old - log ref) at every response token, plus
+    the response's score at its last token."""
+    token_rewards = -kl_coef * (old_log_probs - ref_log_probs) * mask
+    last_token = mask.sum(-1).long() - 1
+    rows = torch.arange(len(last_token), device=mask.device)
+    token_rewards[rows, last_token] += scores.to(mask.device)
+    return token_rewards
+
+
+class PPO(rl.Algorithm):
+    """One response per prompt; the critic's values and GAE turn the shaped rewards into advantages."""
+
+    def __init__(self, args: argparse.Namespace, setup: rl.Setup, actor_critic: "ActorCritic"):
+        self.args, self.setup, self.actor_critic = args, setup, actor_critic
+
+    @torch.no_grad()
+    def experience(self, rollouts: list[rl.Rollout], scores: list[tuple[torch.Tensor, dict]]) -> list[dict]:
+        """Fix what the PPO epochs compare against: the sampling policy's log-probs and values, the
+        KL-shaped per-token rewards, advantages and returns."""
+        args, setup, experience = self.args, self.setup, []
+        for rollout, (rewards, components) in zip(rollouts, scores):
+            batch = rl.experience_batch(rollout, (rewards, components), setup.reference, args, setup.runtime)
+            mask = batch["response_mask"]
+            with setup.runtime.autocast():
+                old = rl.forward(self.actor_critic, batch)
+            batch["old_log_probs"] = rl.response_log_probs(old.logits, batch, args.temperature)
+            batch["old_values"] = old.values[:, :-1].float() * mask
+            token_rewards = kl_shaped_rewards(rewards, batch["old_log_probs"], batch["ref_log_probs"], mask, args.kl_coef)
+            advantages, batch["returns"] = gae(token_rewards, batch["old_values"], mask, args.gamma, args.lam)
+            batch["advantages"] = rl.masked_whiten(advantages, mask)
+            batch["rollout_metrics"]["value"] = float(rl.masked_mean(batch["old_values"], mask))
+            experience.append(batch)
+        return experience
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> engine.LossOutput:
+        return ppo_loss(model, batch, self.args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,9 +183,9 @@ def main() -> None:
 
     setup = rl.setup(args)
     actor_critic = ActorCritic(setup.policy).to(setup.runtime.device)
-    trainer = engine.Trainer(args, setup.runtime, actor_critic, weight_saver=actor_and_critic_saver(args))
-    trainer.fit(setup.batches, partial(ppo_loss, args=args), updates_per_window=args.ppo_epochs,
-                prepare_window=partial(make_experience, args=args, setup=setup, trainer=trainer))
+    trainer = engine.Trainer(args, setup.runtime, actor_critic, tokenizer=setup.tokenizer,
+                             weight_saver=actor_and_critic_saver(args), eval_model=setup.policy)
+    rl.train(args, setup, trainer, PPO(args, setup, actor_critic))
 
 
 if __name__ == "__main__":

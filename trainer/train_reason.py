@@ -27,6 +27,7 @@ from functools import partial
 import torch
 
 from dataset.lm_dataset import SFTDataset
+from model.model_minimind import next_token_nll
 from trainer import engine
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -54,7 +55,7 @@ def reasoning_step(model: torch.nn.Module, batch: dict, tag_sequences: list[list
                    tag_weight: float) -> engine.LossOutput:
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 position_ids=batch.get("position_ids"))
-    token_nll = -engine.token_log_probs(out.logits, batch["labels"])  # (B, T - 1), 0 where unlabelled
+    token_nll = next_token_nll(out.logits, batch["labels"])  # (B, T - 1), 0 where unlabelled
     weights = 1 + (tag_weight - 1) * tag_mask(batch["labels"], tag_sequences)[:, 1:].float()
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     return engine.LossOutput(loss_sum=(weights * token_nll).sum(), count=labelled, aux_loss=out.aux_loss,

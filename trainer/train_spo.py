@@ -96,43 +96,48 @@ def all_processes(values: list) -> list:
     return [value for part in gathered for value in part]
 
 
-@torch.no_grad()
-def make_experience(window: list[dict], args: argparse.Namespace, setup: rl.Setup, trainer: engine.Trainer,
-                    tracker: ValueTracker) -> list[dict]:
-    """One response per prompt; advantage = reward - the tracker's baseline, whitened over the batch."""
-    low, high = setup.rewards.bounds
-    experiences, observed = [], []
-    for prompts in window:
-        rollout = rl.sample(trainer.model, setup.tokenizer, prompts, args, setup.runtime)
-        rewards, components = setup.rewards(rollout)
-        baselines = torch.tensor([low + (high - low) * tracker.baseline(p) for p in rollout.prompts])
-        advantages = rewards - baselines
-        advantages = (advantages - advantages.mean()) / (advantages.std(correction=0) + 1e-4)
-        observed += [(prompt, (reward - low) / (high - low)) for prompt, reward in zip(rollout.prompts, rewards.tolist())]
-        batch = rl.rollout_batch(rollout)
-        batch["advantages"] = advantages.to(setup.runtime.device)
-        batch["ref_log_probs"] = rl.frozen_log_probs(setup.reference, batch, args, setup.runtime)
-        batch["old_log_probs"] = rl.frozen_log_probs(trainer.model, batch, args, setup.runtime)
-        batch["rollout_metrics"] = {**rl.rollout_metrics(rollout, rewards, components),
-                                    "baseline": float(baselines.mean()), "tracked_prompts": len(tracker.prompts)}
-        experiences.append(batch)
-    everyone = all_processes(observed)
-    tracker.update([prompt for prompt, _ in everyone], [success for _, success in everyone])
-    return experiences
+class SPO(rl.Algorithm):
+    """One response per prompt; the advantage is its reward against the tracker's baseline."""
 
+    def __init__(self, args: argparse.Namespace, setup: rl.Setup, tracker: ValueTracker):
+        self.args, self.setup, self.tracker = args, setup, tracker
+        self.surrogate = partial(rl.clipped_surrogate, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high)
 
-@torch.no_grad()
-def measure_drift(window: list[dict], args: argparse.Namespace, setup: rl.Setup, trainer: engine.Trainer,
-                  tracker: ValueTracker) -> None:
-    """After the window's updates: how far the policy moved, as the mean k3 KL(old || new) over the
-    window's response tokens (averaged over processes), added to the tracker's cumulative drift."""
-    kl_sum, tokens = 0.0, 0.0
-    for batch in window:
-        new_log_probs = rl.frozen_log_probs(trainer.model, batch, args, setup.runtime)
-        kl_sum += float((rl.k3_kl(batch["old_log_probs"], new_log_probs) * batch["response_mask"]).sum())
-        tokens += float(batch["response_mask"].sum())
-    kl_sum, tokens = setup.runtime.all_reduce([kl_sum, tokens]).tolist()
-    tracker.drift += kl_sum / max(tokens, 1.0)
+    @torch.no_grad()
+    def experience(self, rollouts: list[rl.Rollout], scores: list[tuple[torch.Tensor, dict]]) -> list[dict]:
+        """Advantage = reward - the tracker's baseline, whitened over the batch; then every process's
+        rewards update the tracker."""
+        args, setup, tracker = self.args, self.setup, self.tracker
+        low, high = setup.rewards.bounds
+        experience, observed = [], []
+        for rollout, (rewards, components) in zip(rollouts, scores):
+            baselines = torch.tensor([low + (high - low) * tracker.baseline(p) for p in rollout.prompts])
+            advantages = rewards - baselines
+            advantages = (advantages - advantages.mean()) / (advantages.std(correction=0) + 1e-4)
+            observed += [(prompt, (reward - low) / (high - low)) for prompt, reward in zip(rollout.prompts, rewards.tolist())]
+            batch = rl.experience_batch(rollout, (rewards, components), setup.reference, args, setup.runtime)
+            batch["advantages"] = advantages.to(setup.runtime.device)
+            batch["old_log_probs"] = rl.frozen_log_probs(setup.policy, batch, args, setup.runtime)
+            batch["rollout_metrics"].update(baseline=float(baselines.mean()), tracked_prompts=len(tracker.prompts))
+            experience.append(batch)
+        everyone = all_processes(observed)
+        tracker.update([prompt for prompt, _ in everyone], [success for _, success in everyone])
+        return experience
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> engine.LossOutput:
+        return rl.critic_free_loss(model, batch, self.args, self.surrogate)
+
+    @torch.no_grad()
+    def after_updates(self, experience: list[dict]) -> None:
+        """How far the window's updates moved the policy: the mean k3 KL(old || new) over the window's
+        response tokens (averaged over processes), added to the tracker's cumulative drift."""
+        kl_sum, tokens = 0.0, 0.0
+        for batch in experience:
+            new_log_probs = rl.frozen_log_probs(self.setup.policy, batch, self.args, self.setup.runtime)
+            kl_sum += float((rl.k3_kl(batch["old_log_probs"], new_log_probs) * batch["response_mask"]).sum())
+            tokens += float(batch["response_mask"].sum())
+        kl_sum, tokens = self.setup.runtime.all_reduce([kl_sum, tokens]).tolist()
+        self.tracker.drift += kl_sum / max(tokens, 1.0)
 
 
 def main() -> None:
@@ -148,14 +153,10 @@ def main() -> None:
         parser.error("need 0 < --rho_min <= --rho_max < 1")
 
     setup = rl.setup(args)
-    surrogate = partial(rl.clipped_surrogate, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high)
     tracker = ValueTracker(args.rho_min, args.rho_max, args.drift_half_life)
-    trainer = engine.Trainer(args, setup.runtime, setup.policy, state_objects={"tracker": tracker})
-    hooks = dict(args=args, setup=setup, trainer=trainer, tracker=tracker)
-    trainer.fit(setup.batches, partial(rl.critic_free_loss, args=args, surrogate=surrogate),
-                updates_per_window=args.ppo_epochs, prepare_window=partial(make_experience, **hooks),
-                after_window=partial(measure_drift, **hooks))
-
+    trainer = engine.Trainer(args, setup.runtime, setup.policy, tokenizer=setup.tokenizer,
+                             state_objects={"tracker": tracker})
+    rl.train(args, setup, trainer, SPO(args, setup, tracker))
 
 if __name__ == "__main__":
     main()
