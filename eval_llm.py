@@ -27,9 +27,8 @@ from tqdm import tqdm
 
 from dataset.lm_dataset import JsonlFile, PretrainDataset, SFTDataset, check_prompt, pad_rows
 from dataset.tasks import is_correct
-from scripts.console import typed_questions
-from model.loader import (PromptTooLong, add_model_args, chat_stream, context_length, describe, fit_history,
-                          generation_config, load_from_args, render_prompt, start_messages)
+from model.chat_format import PromptTooLong, fit_history, render_prompt, start_messages, typed_questions
+from model.loader import add_model_args, chat_stream, context_length, describe, generation_config, load_from_args
 
 CANNED_PROMPTS = [
     "你有什么特长？",

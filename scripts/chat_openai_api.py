@@ -16,7 +16,7 @@ import sys
 
 from openai import OpenAI, OpenAIError
 
-from scripts.console import typed_questions
+from model.chat_format import fit_history, start_messages, typed_questions
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -103,17 +103,16 @@ def main(argv: list[str] | None = None) -> None:
         model = args.model or client.models.list().data[0].id
     except OpenAIError as error:
         sys.exit(f"error: cannot reach {args.base_url} ({error}); start the server with python scripts/serve_openai_api.py")
-    system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-    exchanges: list[list[dict]] = []  # each: the question and the answer
+    conversation = start_messages(args.system_prompt)
     for question in typed_questions():
-        kept = exchanges[len(exchanges) - args.historys:] if args.historys > 0 else []
-        messages = system + [message for exchange in kept for message in exchange] + [{"role": "user", "content": question}]
-        try:
-            answer = ask(client, args, model, messages)
+        conversation.append({"role": "user", "content": question})
+        try:  # the server fits the prompt to its context; only the number of past exchanges is chosen here
+            answer = ask(client, args, model, fit_history(None, conversation, keep_turns=args.historys))
         except OpenAIError as error:
             print(f"\n(error: {error})", file=sys.stderr)
+            conversation.pop()
             continue
-        exchanges.append([messages[-1], answer])
+        conversation.append(answer)
 
 
 if __name__ == "__main__":
