@@ -272,6 +272,14 @@ def merge_lora_weight(model: PreTrainedModel, lora_weight: str, save_dir: str | 
     return merge_lora(model).to(dtype)
 
 
+def add_switch(group: argparse._ActionsContainer, *names: str, default: int | None = 0, help: str) -> None:
+    """An on/off flag, spelled the same way in every script: `--name 1` / `--name 0` as the original
+    MiniMind's flags, and `--name` alone for 1, as a `store_true` flag. The value is the int 0 or 1
+    (`default` when the flag is absent; None = the script decides). Several `names` are aliases of
+    the first, which names the value."""
+    group.add_argument(*names, nargs="?", const=1, type=int, choices=[0, 1], default=default, help=help)
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The flags that choose a model, shared by every script that chats with one."""
     group = parser.add_argument_group("model")
@@ -285,7 +293,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save_dir", default=DEFAULT_SAVE_DIR, help="where --load_from model looks (default: <repo>/out)")
     add_size_args(group, help_suffix=" (they matter for a .pth without .json sidecar, and for the file name "
                                      "under --load_from model)")
-    group.add_argument("--inference_rope_scaling", action="store_true", help="YaRN: 16x longer context than trained (MiniMind models)")
+    add_switch(group, "--inference_rope_scaling", help="1 = YaRN: 16x longer context than trained (MiniMind models)")
     group.add_argument("--tokenizer_path", default=None, help="HF tokenizer directory (default: the model directory's own, else <repo>/model)")
     group.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -297,7 +305,7 @@ def load_from_args(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTraine
     return load_model_and_tokenizer(
         args.load_from, weight=args.weight, save_dir=args.save_dir, hidden_size=args.hidden_size,
         num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe), preset=args.preset,
-        inference_rope_scaling=args.inference_rope_scaling, tokenizer_path=args.tokenizer_path,
+        inference_rope_scaling=bool(args.inference_rope_scaling), tokenizer_path=args.tokenizer_path,
         device=args.device, dtype=args.dtype, lora_weight=args.lora_weight)
 
 

@@ -26,7 +26,7 @@ import streamlit as st
 from streamlit import runtime
 
 from model.chat_format import PromptTooLong, fit_history, split_reasoning, split_turns, start_messages
-from model.loader import (DEFAULT_SAVE_DIR, NATIVE, add_model_args, chat_stream, context_length, describe,
+from model.loader import (DEFAULT_SAVE_DIR, NATIVE, add_model_args, add_switch, chat_stream, context_length, describe,
                           load_model_and_tokenizer, resolve_path, size_config, weight_file_name)
 
 DEFAULT_API_BASE = "http://127.0.0.1:8998/v1"  # scripts/serve_openai_api.py's default address
@@ -46,7 +46,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     chat.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens (default: 512)")
     chat.add_argument("--temperature", type=float, default=0.85, help="0 = greedy (default: 0.85)")
     chat.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling threshold (default: 0.85)")
-    chat.add_argument("--open_thinking", type=int, default=0, choices=[0, 1], help="1 = let the model think first (default: 0)")
+    add_switch(chat, "--open_thinking", "--enable_thinking", help="1 = let the model think first (default: 0)")
     return parser.parse_args(argv)
 
 
@@ -76,7 +76,7 @@ def preferred_index(models: list[Path], args: argparse.Namespace) -> int:
 def load_options(args: argparse.Namespace) -> dict:
     """The flags that shape how a path loads: sizes of a `.pth` without sidecar, LoRA adapter, tokenizer, device."""
     return dict(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe),
-                preset=args.preset, inference_rope_scaling=args.inference_rope_scaling, lora_weight=args.lora_weight,
+                preset=args.preset, inference_rope_scaling=bool(args.inference_rope_scaling), lora_weight=args.lora_weight,
                 tokenizer_path=args.tokenizer_path, device=args.device, dtype=args.dtype)
 
 

@@ -1,6 +1,7 @@
 """The shared loader (model/loader.py) and eval_llm.py: every kind of `--load_from` loads the same
-weights strictly, streaming equals `generate`, and the
+weights strictly, on/off flags read the same everywhere, streaming equals `generate`, and the
 evaluation numbers are the ones computed by hand. (How conversations are trimmed: test_chat_format.py.)"""
+import argparse
 import ast
 import importlib.util
 import json
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from model.chat_format import render_prompt
-from model.loader import chat_stream, load_model_and_tokenizer
+from model.loader import add_switch, chat_stream, load_from_args, load_model_and_tokenizer
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from trainer.engine import save_weights
 
@@ -145,6 +146,39 @@ def test_loader_and_eval_llm_never_import_trainer_code():
 def test_eval_llm_imports_no_script():
     """scripts/ are programs, not a library: what eval_llm.py shares with them lives in model/."""
     assert "scripts" not in imported_packages(EVAL_LLM)
+
+
+# --- flags --------------------------------------------------------------------------------------
+
+def test_a_switch_takes_0_1_or_stands_alone():
+    parser = argparse.ArgumentParser()
+    add_switch(parser, "--speed", help="")
+    add_switch(parser, "--thinking", "--think", default=None, help="")
+    assert vars(parser.parse_args([])) == {"speed": 0, "thinking": None}
+    assert vars(parser.parse_args(["--speed", "--think"])) == {"speed": 1, "thinking": 1}
+    assert vars(parser.parse_args(["--speed", "0", "--thinking", "0"])) == {"speed": 0, "thinking": 0}
+    assert vars(parser.parse_args(["--speed", "1", "--think", "1"])) == {"speed": 1, "thinking": 1}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--speed", "2"])
+
+
+@pytest.mark.parametrize("argv, thinking, rope_scaling", [
+    ([], None, 0),
+    (["--open_thinking", "1", "--inference_rope_scaling"], 1, 1),
+    (["--enable_thinking", "0", "--inference_rope_scaling", "0"], 0, 0),
+    (["--enable_thinking", "--inference_rope_scaling", "1"], 1, 1),
+])
+def test_eval_llm_thinking_flag_and_its_alias(argv, thinking, rope_scaling):
+    args = eval_llm.parse_args(argv)
+    assert (args.open_thinking, args.inference_rope_scaling) == (thinking, rope_scaling)
+
+
+@pytest.mark.parametrize("switch, yarn", [([], False), (["--inference_rope_scaling"], True),
+                                          (["--inference_rope_scaling", "0"], False)])
+def test_the_rope_scaling_switch_reaches_the_model(weights_dir, switch, yarn):
+    args = eval_llm.parse_args(["--load_from", str(weights_dir / "full_sft_64.pth"), "--device", "cpu", *switch])
+    model, _ = load_from_args(args)
+    assert model.config.inference_rope_scaling is yarn
 
 
 # --- streaming --------------------------------------------------------------------------------

@@ -456,6 +456,13 @@ def test_the_chat_client_keeps_a_conversation(random_server):
     assert result.stdout.count("🤖: ") == 2 and result.stdout.count("👶: ") == 4
 
 
+@pytest.mark.parametrize("argv, thinking, stream", [([], None, 1), (["--open_thinking", "--stream", "0"], 1, 0),
+                                                    (["--enable_thinking", "0", "--stream"], 0, 1)])
+def test_the_chat_client_thinking_flag_and_its_alias(argv, thinking, stream):
+    args = chat_openai_api.parse_args(argv)
+    assert (args.open_thinking, args.stream) == (thinking, stream)
+
+
 @pytest.mark.parametrize("script, flag", [(serve_openai_api, "--max_concurrency"), (chat_openai_api, "--base_url")])
 def test_help(script, flag, capsys):
     with pytest.raises(SystemExit) as exited:

@@ -74,6 +74,14 @@ def test_a_chat_turn_with_a_trained_minimind(monkeypatch, tmp_path, weights_dir)
     assert shown[1][1] == answer["content"]  # the streamed answer is what the bubble shows, as text
 
 
+@pytest.mark.parametrize("flags, thinking", [([], False), (["--open_thinking", "1"], True), (["--enable_thinking"], True),
+                                             (["--enable_thinking", "0"], False)])
+def test_the_thinking_flag_and_its_alias_set_the_toggle(monkeypatch, flags, thinking, tmp_path):
+    page = start_page(monkeypatch, "--save_dir", str(tmp_path), *flags)
+    assert not page.exception
+    assert page.toggle(key="thinking").value is thinking
+
+
 def test_regenerate_replaces_the_last_answer(monkeypatch, weights_dir):
     messages = [{"role": "user", "content": "第一个问题"}, {"role": "assistant", "content": "第一个回答"},
                 {"role": "user", "content": "第二个问题"}, {"role": "assistant", "content": "OLD ANSWER"}]
