@@ -74,10 +74,11 @@ def preferred_index(models: list[Path], args: argparse.Namespace) -> int:
 
 
 def load_options(args: argparse.Namespace) -> dict:
-    """The flags that shape how a path loads: sizes of a `.pth` without sidecar, LoRA adapter, tokenizer, device."""
+    """The flags that shape how a path loads: sizes of a `.pth` without sidecar, LoRA adapter (a name is
+    looked up in <save_dir>/lora), tokenizer, device."""
     return dict(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe),
                 preset=args.preset, inference_rope_scaling=bool(args.inference_rope_scaling), lora_weight=args.lora_weight,
-                tokenizer_path=args.tokenizer_path, device=args.device, dtype=args.dtype)
+                save_dir=args.save_dir, tokenizer_path=args.tokenizer_path, device=args.device, dtype=args.dtype)
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
