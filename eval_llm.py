@@ -27,9 +27,8 @@ from tqdm import tqdm
 
 from dataset.lm_dataset import JsonlFile, PretrainDataset, SFTDataset, check_prompt, pad_rows
 from dataset.tasks import is_correct
-from scripts.console import typed_questions
-from model.loader import (PromptTooLong, add_model_args, chat_stream, context_length, describe, fit_history,
-                          generation_config, load_from_args, render_prompt, start_messages)
+from model.chat_format import PromptTooLong, fit_history, render_prompt, start_messages, typed_questions
+from model.loader import add_model_args, add_switch, chat_stream, context_length, describe, generation_config, load_from_args
 
 CANNED_PROMPTS = [
     "你有什么特长？",
@@ -61,10 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     chat.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling threshold (default: 0.85)")
     chat.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens; 0 = no cut (default: 0)")
     chat.add_argument("--repetition_penalty", type=float, default=1.0, help="(default: 1.0 = none)")
-    chat.add_argument("--open_thinking", type=int, default=None, choices=[0, 1],
-                      help="1 = ask for a <think> block, 0 = an empty one (default: the chat template's own choice)")
+    add_switch(chat, "--open_thinking", "--enable_thinking", default=None,
+               help="1 = ask for a <think> block, 0 = an empty one (default: the chat template's own choice)")
     chat.add_argument("--seed", type=int, default=None, help="makes sampled answers repeatable")
-    chat.add_argument("--show_speed", type=int, default=0, choices=[0, 1], help="1 = print tokens/s after each answer")
+    add_switch(chat, "--show_speed", help="1 = print tokens/s after each answer")
 
     evaluation = parser.add_argument_group("evaluation (instead of chatting)")
     evaluation.add_argument("--eval_file", default=None,

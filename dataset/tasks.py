@@ -12,6 +12,7 @@ agree and a reader can predict a score by eye:
 
 1. A reasoning block is dropped: everything up to the last ``</think>`` goes. A reply that opens
    ``<think>`` and never closes it has no answer (the model ran out of tokens while thinking).
+   This is ``model.chat_format.final_answer``, the one reader of the think block.
 2. ``<answer>...</answer>`` tags (the older MiniMind R1 style) are unwrapped.
 3. If the text names its answer with a marker ("答案是 19", "The answer is 19", "Answer: 19"),
    only what follows the last marker is kept.
@@ -28,8 +29,7 @@ from __future__ import annotations
 
 import re
 
-THINK_CLOSE = "</think>"
-THINK_OPEN = "<think>"
+from model.chat_format import final_answer
 
 # Phrases that introduce the final answer in a longer reply (matched case-insensitively).
 _ANSWER_MARKER = re.compile(r"答案是|答案[:：]|最终答案[:：]?|the answer is|answer\s*[:：]", re.IGNORECASE)
@@ -41,11 +41,7 @@ _NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
 
 def extract_answer(text: str) -> str:
     """The final answer a reply commits to, following the convention in the module docstring."""
-    if THINK_CLOSE in text:
-        text = text.rsplit(THINK_CLOSE, 1)[1]
-    elif THINK_OPEN in text:
-        return ""
-    text = _ANSWER_TAGS.sub(" ", text)
+    text = _ANSWER_TAGS.sub(" ", final_answer(text))
     markers = list(_ANSWER_MARKER.finditer(text))
     if markers:
         text = text[markers[-1].end():]

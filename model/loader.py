@@ -30,6 +30,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList,
                           TemperatureLogitsWarper, TextIteratorStreamer, TopKLogitsWarper, TopPLogitsWarper)
 
+from model.chat_format import Message, render_prompt
 from model.model_lora import load_lora, merge_lora
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 
@@ -37,8 +38,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NATIVE = "model"  # `--load_from model`: read <save_dir>/<weight>_<hidden>[_moe].pth
 DEFAULT_SAVE_DIR = "out"
 BUNDLED_TOKENIZER = REPO_ROOT / "model"
-
-Message = dict  # {"role": ..., "content": ..., optional "reasoning_content", "tool_calls"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +272,14 @@ def merge_lora_weight(model: PreTrainedModel, lora_weight: str, save_dir: str | 
     return merge_lora(model).to(dtype)
 
 
+def add_switch(group: argparse._ActionsContainer, *names: str, default: int | None = 0, help: str) -> None:
+    """An on/off flag, spelled the same way in every script: `--name 1` / `--name 0` as the original
+    MiniMind's flags, and `--name` alone for 1, as a `store_true` flag. The value is the int 0 or 1
+    (`default` when the flag is absent; None = the script decides). Several `names` are aliases of
+    the first, which names the value."""
+    group.add_argument(*names, nargs="?", const=1, type=int, choices=[0, 1], default=default, help=help)
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The flags that choose a model, shared by every script that chats with one."""
     group = parser.add_argument_group("model")
@@ -286,7 +293,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save_dir", default=DEFAULT_SAVE_DIR, help="where --load_from model looks (default: <repo>/out)")
     add_size_args(group, help_suffix=" (they matter for a .pth without .json sidecar, and for the file name "
                                      "under --load_from model)")
-    group.add_argument("--inference_rope_scaling", action="store_true", help="YaRN: 16x longer context than trained (MiniMind models)")
+    add_switch(group, "--inference_rope_scaling", help="1 = YaRN: 16x longer context than trained (MiniMind models)")
     group.add_argument("--tokenizer_path", default=None, help="HF tokenizer directory (default: the model directory's own, else <repo>/model)")
     group.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -298,7 +305,7 @@ def load_from_args(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTraine
     return load_model_and_tokenizer(
         args.load_from, weight=args.weight, save_dir=args.save_dir, hidden_size=args.hidden_size,
         num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe), preset=args.preset,
-        inference_rope_scaling=args.inference_rope_scaling, tokenizer_path=args.tokenizer_path,
+        inference_rope_scaling=bool(args.inference_rope_scaling), tokenizer_path=args.tokenizer_path,
         device=args.device, dtype=args.dtype, lora_weight=args.lora_weight)
 
 
@@ -310,80 +317,12 @@ def describe(model: PreTrainedModel) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompts: rendering, and fitting a conversation into the context
+# Generation
 # ---------------------------------------------------------------------------------------------
-
-def start_messages(system_prompt: str | None) -> list[Message]:
-    """A new conversation: the persona as a system message, or nothing (the template's default)."""
-    return [{"role": "system", "content": system_prompt}] if system_prompt else []
-
-
-def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], *, enable_thinking: bool | None = None,
-                  tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
-    """The chat template's text. `enable_thinking=None` leaves the template's default (MiniMind: the
-    model decides whether to think); False asks for an empty think block, as MiniMind's does."""
-    if not tokenizer.chat_template:
-        raise ValueError(f"the tokenizer of {tokenizer.name_or_path} has no chat template: "
-                         f"pass one that has with --tokenizer_path")
-    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt, **extra)
-
-
-def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False).input_ids)
-
 
 def context_length(model: PreTrainedModel) -> int:
     return int(getattr(model.config, "max_position_embeddings", None) or 2048)
 
-
-class PromptTooLong(ValueError):
-    """Even the system message and the latest user turn alone exceed the prompt budget."""
-
-    def __init__(self, tokens: int, limit: int):
-        super().__init__(f"the prompt needs {tokens} tokens even without history, more than the {limit} allowed")
-        self.tokens, self.limit = tokens, limit
-
-
-def split_turns(messages: list[Message]) -> tuple[list[Message], list[list[Message]]]:
-    """A leading system message, and turns: each user message with every assistant/tool message
-    that answers it."""
-    system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    turns: list[list[Message]] = []
-    for message in messages[len(system):]:
-        if message["role"] == "user" or not turns:
-            turns.append([message])
-        else:
-            turns[-1].append(message)
-    return system, turns
-
-
-def fit_history(tokenizer: PreTrainedTokenizerBase, messages: list[Message], max_prompt_tokens: int,
-                keep_turns: int | None = None, *, enable_thinking: bool | None = None,
-                tools: list[dict] | None = None) -> list[Message]:
-    """The messages to send: the system message, at most `keep_turns` past turns (None = all), and
-    the latest turn, dropping the oldest turns until the rendered prompt fits `max_prompt_tokens`.
-    Whole turns go, never part of one; raises PromptTooLong when the latest turn alone is too long."""
-    system, turns = split_turns(messages)
-    if not turns:
-        return list(messages)
-    history, latest = turns[:-1], turns[-1]
-    if keep_turns is not None:
-        history = history[max(0, len(history) - keep_turns):]
-    while True:
-        kept = system + [message for turn in history for message in turn] + latest
-        tokens = count_tokens(tokenizer, render_prompt(tokenizer, kept, enable_thinking=enable_thinking, tools=tools))
-        if tokens <= max_prompt_tokens:
-            return kept
-        if not history:
-            raise PromptTooLong(tokens, max_prompt_tokens)
-        history = history[1:]
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation
-# ---------------------------------------------------------------------------------------------
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """End-of-turn ids: the model's generation config's (some list several) and the tokenizer's eos."""
@@ -553,7 +492,7 @@ def chat_stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mess
                 max_new_tokens: int = 512, temperature: float = 0.85, top_p: float = 0.85, top_k: int = 0,
                 repetition_penalty: float = 1.0, enable_thinking: bool | None = None,
                 tools: list[dict] | None = None, seed: int | None = None, stop: list[str] | None = None) -> ChatStream:
-    """Answer the conversation `messages` (already fitted to the context, see `fit_history`),
+    """Answer the conversation `messages` (already fitted to the context, see `chat_format.fit_history`),
     streaming text pieces. temperature 0 = greedy; `seed` makes sampling repeatable; the reply
     ends before the first of the `stop` strings."""
     prompt = render_prompt(tokenizer, messages, enable_thinking=enable_thinking, tools=tools)

@@ -16,9 +16,12 @@ import sys
 
 from openai import OpenAI, OpenAIError
 
-from scripts.console import typed_questions
+from model.chat_format import fit_history, start_messages, typed_questions
 
 DIM, RESET = "\033[2m", "\033[0m"
+# model.loader's add_switch, spelled out: importing the loader would load torch, ~10 s before the
+# first prompt of a client that needs none. The same 0|1 flags: `--stream 0`, `--open_thinking` (= 1).
+SWITCH = dict(nargs="?", const=1, type=int, choices=[0, 1])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,9 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_tokens", type=int, default=512, help="longest answer, in tokens (default: 512)")
     parser.add_argument("--temperature", type=float, default=0.85, help="0 = greedy (default: 0.85)")
     parser.add_argument("--top_p", type=float, default=0.85, help="(default: 0.85)")
-    parser.add_argument("--enable_thinking", type=int, default=None, choices=[0, 1],
+    parser.add_argument("--open_thinking", "--enable_thinking", default=None, **SWITCH,
                         help="1 = ask for a <think> block, 0 = none (default: the model's chat template decides)")
-    parser.add_argument("--stream", type=int, default=1, choices=[0, 1], help="1 = print the answer as it is written")
+    parser.add_argument("--stream", default=1, **SWITCH, help="1 = print the answer as it is written")
     return parser.parse_args(argv)
 
 
@@ -62,7 +65,7 @@ class Printer:
 
 def ask(client: OpenAI, args: argparse.Namespace, model: str, messages: list[dict]) -> dict:
     """Send the conversation, print the answer as it arrives, and return it as an assistant message."""
-    extra = {"chat_template_kwargs": {"enable_thinking": bool(args.enable_thinking)}} if args.enable_thinking is not None else None
+    extra = {"chat_template_kwargs": {"enable_thinking": bool(args.open_thinking)}} if args.open_thinking is not None else None
     request = dict(model=model, messages=messages, max_tokens=args.max_tokens, temperature=args.temperature,
                    top_p=args.top_p, extra_body=extra)
     printer, content, tool_calls = Printer(), [], []
@@ -103,17 +106,16 @@ def main(argv: list[str] | None = None) -> None:
         model = args.model or client.models.list().data[0].id
     except OpenAIError as error:
         sys.exit(f"error: cannot reach {args.base_url} ({error}); start the server with python scripts/serve_openai_api.py")
-    system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-    exchanges: list[list[dict]] = []  # each: the question and the answer
+    conversation = start_messages(args.system_prompt)
     for question in typed_questions():
-        kept = exchanges[len(exchanges) - args.historys:] if args.historys > 0 else []
-        messages = system + [message for exchange in kept for message in exchange] + [{"role": "user", "content": question}]
-        try:
-            answer = ask(client, args, model, messages)
+        conversation.append({"role": "user", "content": question})
+        try:  # the server fits the prompt to its context; only the number of past exchanges is chosen here
+            answer = ask(client, args, model, fit_history(None, conversation, keep_turns=args.historys))
         except OpenAIError as error:
             print(f"\n(error: {error})", file=sys.stderr)
+            conversation.pop()
             continue
-        exchanges.append([messages[-1], answer])
+        conversation.append(answer)
 
 
 if __name__ == "__main__":

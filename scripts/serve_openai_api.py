@@ -11,8 +11,9 @@ can talk to a trained MiniMind (or to any chat model the shared loader opens).
 
 Endpoints: POST /v1/chat/completions, GET /v1/models, and GET /health (ready, and generation counts).
 The model's `<think>...</think>` text comes back as `reasoning_content`; its `<tool_call>{...}</tool_call>`
-blocks come back as `tool_calls` when the request offers `tools`. A conversation longer than the
-context loses its oldest whole turns; one whose last turn alone does not fit is refused with a 400.
+blocks come back as `tool_calls` when the request offers `tools` (model/chat_format.py reads both as the
+reply streams). A conversation longer than the context loses its oldest whole turns; one whose last
+turn alone does not fit is refused with a 400.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from model.loader import (ChatStream, PromptTooLong, add_model_args, chat_stream, context_length, describe, fit_history,
-                          load_from_args, render_prompt)
+from model.chat_format import THINK_OPEN, Event, PromptTooLong, ReplyParser, fit_history, render_prompt
+from model.loader import ChatStream, add_model_args, chat_stream, context_length, describe, load_from_args
 
 log = logging.getLogger("minimind.serve")
 
@@ -186,102 +187,6 @@ FIELD_NAMES = {name for schema in (ChatCompletionRequest, ChatMessage, TextPart,
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading the reply: reasoning, content and tool calls, as it streams
-# ---------------------------------------------------------------------------------------------
-
-THINK, END_THINK, CALL, END_CALL = "<think>", "</think>", "<tool_call>", "</tool_call>"
-Event = tuple[str, Any]  # ("content", text) | ("reasoning", text) | ("tool_call", {"id", "type", "function"})
-
-
-def parse_tool_call(text: str) -> dict | None:
-    """`{"name": ..., "arguments": {...}}` (the chat template's format) as an OpenAI tool call whose
-    arguments are a JSON string; None when the model wrote something else."""
-    try:
-        call = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        return None
-    arguments = call.get("arguments", {})
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": call["name"],
-                         "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)}}
-
-
-def unsettled_length(text: str, tags: list[str], space: str | None) -> int:
-    """How much of the end of `text` the next piece could still change: the start of a tag, and the
-    whitespace before it (dropped when a tag follows)."""
-    tag_start = max((n for tag in tags for n in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:n])),
-                    default=0)
-    settled = text[:len(text) - tag_start].rstrip(space)
-    return len(text) - len(settled)
-
-
-class ReplyParser:
-    """Splits a reply into reasoning (`<think>...</think>`), content and, when the request offered
-    tools, tool calls (`<tool_call>{...}</tool_call>`), while it streams. Text that could be the start
-    of a tag is held until the next piece shows whether it is one, so feeding the reply piece by
-    piece gives the same events as feeding it whole. The newlines the chat template puts around a
-    block are not part of the text (its `<think>\\n...\\n</think>\\n\\n` round-trips)."""
-
-    def __init__(self, parse_tools: bool, starts_thinking: bool = False):
-        self.tags = [THINK, CALL] if parse_tools else [THINK]
-        self.mode = "reasoning" if starts_thinking else "content"  # or "tool_call", inside a <tool_call>
-        self.pending = ""
-        self.drop_leading_newlines = starts_thinking
-
-    def feed(self, text: str) -> list[Event]:
-        self.pending += text
-        events: list[Event] = []
-        while True:
-            if self.drop_leading_newlines:
-                self.pending = self.pending.lstrip("\n")
-                if not self.pending:
-                    return events
-                self.drop_leading_newlines = False
-            ends = {"content": self.tags, "reasoning": [END_THINK], "tool_call": [END_CALL]}[self.mode]
-            found = min(((self.pending.find(tag), tag) for tag in ends if tag in self.pending), default=None)
-            if found is None:
-                if self.mode != "tool_call":  # a tool call is given whole or not at all
-                    keep = unsettled_length(self.pending, ends, None if self.mode == "content" else "\n")
-                    self._emit(events, self.mode, self.pending[:len(self.pending) - keep])
-                    self.pending = self.pending[len(self.pending) - keep:]
-                return events
-            index, tag = found
-            before, self.pending = self.pending[:index], self.pending[index + len(tag):]
-            if self.mode == "tool_call":
-                call = parse_tool_call(before.strip())
-                if call:
-                    events.append(("tool_call", call))
-                else:
-                    self._emit(events, "content", CALL + before + END_CALL)
-                self.mode = "content"
-            elif self.mode == "reasoning":
-                self._emit(events, "reasoning", before.rstrip("\n"))
-                self.mode = "content"
-            else:
-                self._emit(events, "content", before.rstrip())
-                self.mode = "reasoning" if tag == THINK else "tool_call"
-            self.drop_leading_newlines = self.mode != "tool_call"  # a call's text is kept whole, for when it is no call
-
-    def finish(self) -> list[Event]:
-        """What is left when the reply ends: an unclosed think block is reasoning, an unclosed tool
-        call is text."""
-        events: list[Event] = []
-        if self.mode == "tool_call":
-            self._emit(events, "content", CALL + self.pending)
-        else:
-            self._emit(events, self.mode, self.pending.rstrip("\n") if self.mode == "reasoning" else self.pending)
-        self.pending = ""
-        return events
-
-    @staticmethod
-    def _emit(events: list[Event], kind: str, text: str) -> None:
-        if text:
-            events.append((kind, text))
-
-
-# ---------------------------------------------------------------------------------------------
 # Admission: a bounded number of generations at once, a bounded queue behind them
 # ---------------------------------------------------------------------------------------------
 
@@ -408,7 +313,7 @@ class ChatService:
                    temperature=self.defaults.temperature if body.temperature is None else body.temperature,
                    top_p=self.defaults.top_p if body.top_p is None else body.top_p, seed=body.seed,
                    stop=[text for text in stop if text],
-                   starts_thinking=prompt.rstrip().endswith(THINK))  # templates that open the think block themselves
+                   starts_thinking=prompt.rstrip().endswith(THINK_OPEN))  # templates that open the think block themselves
 
     async def reply(self, job: Job, ticket: Ticket, request: Request) -> AsyncIterator[Event | Finished]:
         """The reply's events, then Finished. Waits for a slot first. Generation and parsing run in

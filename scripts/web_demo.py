@@ -25,9 +25,9 @@ from typing import Iterator
 import streamlit as st
 from streamlit import runtime
 
-from model.loader import (DEFAULT_SAVE_DIR, NATIVE, PromptTooLong, add_model_args, chat_stream, context_length,
-                          describe, fit_history, load_model_and_tokenizer, resolve_path, size_config,
-                          split_turns, start_messages, weight_file_name)
+from model.chat_format import PromptTooLong, fit_history, split_reasoning, split_turns, start_messages
+from model.loader import (DEFAULT_SAVE_DIR, NATIVE, add_model_args, add_switch, chat_stream, context_length, describe,
+                          load_model_and_tokenizer, resolve_path, size_config, weight_file_name)
 
 DEFAULT_API_BASE = "http://127.0.0.1:8998/v1"  # scripts/serve_openai_api.py's default address
 LOCAL, API = "Local model", "OpenAI-compatible API"
@@ -46,7 +46,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     chat.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens (default: 512)")
     chat.add_argument("--temperature", type=float, default=0.85, help="0 = greedy (default: 0.85)")
     chat.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling threshold (default: 0.85)")
-    chat.add_argument("--open_thinking", type=int, default=0, choices=[0, 1], help="1 = let the model think first (default: 0)")
+    add_switch(chat, "--open_thinking", "--enable_thinking", help="1 = let the model think first (default: 0)")
     return parser.parse_args(argv)
 
 
@@ -74,10 +74,11 @@ def preferred_index(models: list[Path], args: argparse.Namespace) -> int:
 
 
 def load_options(args: argparse.Namespace) -> dict:
-    """The flags that shape how a path loads: sizes of a `.pth` without sidecar, LoRA adapter, tokenizer, device."""
+    """The flags that shape how a path loads: sizes of a `.pth` without sidecar, LoRA adapter (a name is
+    looked up in <save_dir>/lora), tokenizer, device."""
     return dict(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe),
-                preset=args.preset, inference_rope_scaling=args.inference_rope_scaling, lora_weight=args.lora_weight,
-                tokenizer_path=args.tokenizer_path, device=args.device, dtype=args.dtype)
+                preset=args.preset, inference_rope_scaling=bool(args.inference_rope_scaling), lora_weight=args.lora_weight,
+                save_dir=args.save_dir, tokenizer_path=args.tokenizer_path, device=args.device, dtype=args.dtype)
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
@@ -143,27 +144,11 @@ def sidebar(args: argparse.Namespace, save_dir: Path) -> Settings:
 # Replies: the model's raw text split into its thinking and its answer
 # ---------------------------------------------------------------------------------------------
 
-def split_thinking(text: str) -> tuple[str, str]:
-    """(reasoning, answer) of a reply written as `<think>\\n…\\n</think>\\n\\nanswer`, also while it is
-    still being written. Models whose prompt already opens the block (Qwen3) write only `</think>`."""
-    if "</think>" in text:
-        reasoning, answer = text.split("</think>", 1)
-        return reasoning.replace("<think>", "", 1).strip(), answer.strip()
-    started = text.lstrip()
-    if started.startswith("<think>"):
-        return started.removeprefix("<think>").strip(), ""
-    if "<think>".startswith(started):  # the opening tag is still arriving: show nothing yet
-        return "", ""
-    return "", text.strip()
-
-
 def conversation_for_model(messages: list[dict], settings: Settings) -> list[dict]:
-    """The system prompt, the last `history_turns` past exchanges and the new question. Past answers
-    go without their reasoning, as reasoning models are trained (it would also fill the context)."""
-    _, turns = split_turns(messages)
-    kept = turns[max(0, len(turns) - 1 - settings.history_turns):]
+    """The system prompt and the conversation, its history trimmed later by `fit_history`. Past
+    answers go without their reasoning, as reasoning models are trained (it would also fill the context)."""
     return start_messages(settings.system_prompt) + [
-        {"role": message["role"], "content": message["content"]} for turn in kept for message in turn]
+        {"role": message["role"], "content": message["content"]} for message in messages]
 
 
 def local_reply(model, tokenizer, conversation: list[dict], settings: Settings) -> Iterator[tuple[str, str]]:
@@ -173,22 +158,24 @@ def local_reply(model, tokenizer, conversation: list[dict], settings: Settings) 
     if budget <= 0:
         raise ValueError(f"Max new tokens {settings.max_new_tokens} leaves no room for a prompt in this model's "
                          f"{context_length(model)}-token context: lower it in the sidebar.")
-    conversation = fit_history(tokenizer, conversation, budget, enable_thinking=settings.thinking)
+    conversation = fit_history(tokenizer, conversation, budget, settings.history_turns, enable_thinking=settings.thinking)
     text = ""
     with chat_stream(model, tokenizer, conversation, max_new_tokens=settings.max_new_tokens,
                      temperature=settings.temperature, top_p=settings.top_p,
                      enable_thinking=settings.thinking) as stream:
         for piece in stream:
             text += piece
-            yield split_thinking(text)
+            yield split_reasoning(text)
 
 
 def api_reply(conversation: list[dict], settings: Settings) -> Iterator[tuple[str, str]]:
     """The same through an OpenAI-compatible server. Ours (and vLLM's) sends the thinking apart, as
-    `reasoning_content`; a server that leaves it in the text gets it split here."""
+    `reasoning_content`; a server that leaves it in the text gets it split here. The server fits the
+    history to its model's context; only the number of past exchanges is chosen here."""
     from openai import OpenAI, OpenAIError  # optional: only this source needs it
 
     client = OpenAI(base_url=settings.api_base, api_key=settings.api_key or "none")
+    conversation = fit_history(None, conversation, keep_turns=settings.history_turns)
     reasoning, content = "", ""
     try:
         with client.chat.completions.create(
@@ -201,7 +188,7 @@ def api_reply(conversation: list[dict], settings: Settings) -> Iterator[tuple[st
                 delta = chunk.choices[0].delta
                 reasoning += getattr(delta, "reasoning_content", None) or ""
                 content += delta.content or ""
-                yield (reasoning.strip(), content.strip()) if reasoning else split_thinking(content)
+                yield (reasoning.strip(), content.strip()) if reasoning else split_reasoning(content)
     except OpenAIError as error:  # unreachable, refused, 4xx: said on the page, not a traceback
         raise ValueError(f"The API at {settings.api_base} failed: {error}") from error
 

@@ -1,6 +1,7 @@
 """The shared loader (model/loader.py) and eval_llm.py: every kind of `--load_from` loads the same
-weights strictly, conversations are trimmed by whole turns, streaming equals `generate`, and the
-evaluation numbers are the ones computed by hand."""
+weights strictly, on/off flags read the same everywhere, streaming equals `generate`, and the
+evaluation numbers are the ones computed by hand. (How conversations are trimmed: test_chat_format.py.)"""
+import argparse
 import ast
 import importlib.util
 import json
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-from model.loader import PromptTooLong, chat_stream, fit_history, load_model_and_tokenizer, render_prompt
+from model.chat_format import render_prompt
+from model.loader import add_switch, chat_stream, load_from_args, load_model_and_tokenizer
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from trainer.engine import save_weights
 
@@ -128,59 +130,58 @@ def test_missing_source_names_the_path(tmp_path):
         load_model_and_tokenizer(str(tmp_path / "nowhere"), device="cpu")
 
 
+def imported_packages(path: Path) -> set[str]:
+    """The top-level packages a file imports from."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    modules = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    modules += [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    return {module.split(".")[0] for module in modules}
+
+
 def test_loader_and_eval_llm_never_import_trainer_code():
     for path in (REPO_ROOT / "model" / "loader.py", EVAL_LLM):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        modules = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
-        modules += [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
-        assert not [m for m in modules if m.split(".")[0] == "trainer"], path
+        assert "trainer" not in imported_packages(path), path
 
 
-# --- conversations and streaming --------------------------------------------------------------
-
-def conversation_of(turns: int, system: bool = True) -> list[dict]:
-    messages = [{"role": "system", "content": "You are MiniMind."}] if system else []
-    for i in range(turns - 1):
-        messages += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": f"answer {i} " * 5}]
-    return messages + [{"role": "user", "content": "the last question"}]
+def test_eval_llm_imports_no_script():
+    """scripts/ are programs, not a library: what eval_llm.py shares with them lives in model/."""
+    assert "scripts" not in imported_packages(EVAL_LLM)
 
 
-def prompt_tokens(tokenizer, messages) -> int:
-    return len(tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False).input_ids)
+# --- flags --------------------------------------------------------------------------------------
+
+def test_a_switch_takes_0_1_or_stands_alone():
+    parser = argparse.ArgumentParser()
+    add_switch(parser, "--speed", help="")
+    add_switch(parser, "--thinking", "--think", default=None, help="")
+    assert vars(parser.parse_args([])) == {"speed": 0, "thinking": None}
+    assert vars(parser.parse_args(["--speed", "--think"])) == {"speed": 1, "thinking": 1}
+    assert vars(parser.parse_args(["--speed", "0", "--thinking", "0"])) == {"speed": 0, "thinking": 0}
+    assert vars(parser.parse_args(["--speed", "1", "--think", "1"])) == {"speed": 1, "thinking": 1}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--speed", "2"])
 
 
-def test_fit_history_keeps_everything_that_fits(tokenizer):
-    messages = conversation_of(4)
-    assert fit_history(tokenizer, messages, 10_000) == messages
-    assert fit_history(tokenizer, messages, 10_000, keep_turns=1) == messages[:1] + messages[5:]
-    assert fit_history(tokenizer, messages, 10_000, keep_turns=0) == [messages[0], messages[-1]]
+@pytest.mark.parametrize("argv, thinking, rope_scaling", [
+    ([], None, 0),
+    (["--open_thinking", "1", "--inference_rope_scaling"], 1, 1),
+    (["--enable_thinking", "0", "--inference_rope_scaling", "0"], 0, 0),
+    (["--enable_thinking", "--inference_rope_scaling", "1"], 1, 1),
+])
+def test_eval_llm_thinking_flag_and_its_alias(argv, thinking, rope_scaling):
+    args = eval_llm.parse_args(argv)
+    assert (args.open_thinking, args.inference_rope_scaling) == (thinking, rope_scaling)
 
 
-def test_fit_history_drops_oldest_whole_turns_to_fit(tokenizer):
-    messages = conversation_of(4)
-    budget = prompt_tokens(tokenizer, messages[:1] + messages[3:]) + 1  # room for the last past turn only
-    fitted = fit_history(tokenizer, messages, budget)
-    assert fitted == messages[:1] + messages[3:]
-    assert prompt_tokens(tokenizer, fitted) <= budget
-    no_system = conversation_of(3, system=False)
-    assert fit_history(tokenizer, no_system, prompt_tokens(tokenizer, no_system[-1:])) == no_system[-1:]
+@pytest.mark.parametrize("switch, yarn", [([], False), (["--inference_rope_scaling"], True),
+                                          (["--inference_rope_scaling", "0"], False)])
+def test_the_rope_scaling_switch_reaches_the_model(weights_dir, switch, yarn):
+    args = eval_llm.parse_args(["--load_from", str(weights_dir / "full_sft_64.pth"), "--device", "cpu", *switch])
+    model, _ = load_from_args(args)
+    assert model.config.inference_rope_scaling is yarn
 
 
-def test_fit_history_keeps_tool_messages_with_their_turn(tokenizer):
-    messages = [{"role": "user", "content": "weather?"},
-                {"role": "assistant", "content": "", "tool_calls": [{"name": "weather", "arguments": {"city": "Paris"}}]},
-                {"role": "tool", "content": "sunny"},
-                {"role": "assistant", "content": "It is sunny."},
-                {"role": "user", "content": "thanks"}]
-    assert fit_history(tokenizer, messages, 10_000, keep_turns=1) == messages
-    assert fit_history(tokenizer, messages, 10_000, keep_turns=0) == messages[-1:]
-
-
-def test_fit_history_never_drops_the_last_user_turn(tokenizer):
-    messages = conversation_of(3)
-    with pytest.raises(PromptTooLong):
-        fit_history(tokenizer, messages, prompt_tokens(tokenizer, [messages[0], messages[-1]]) - 1)
-
+# --- streaming --------------------------------------------------------------------------------
 
 def test_chat_stream_equals_greedy_generate(tiny_model, tokenizer):
     messages = [{"role": "user", "content": "3 加 2 等于多少？"}]

@@ -21,10 +21,11 @@ import torch
 from openai import AsyncOpenAI, OpenAI
 from transformers import AutoTokenizer
 
-from model.loader import load_model_and_tokenizer, render_prompt
+from model.chat_format import render_prompt
+from model.loader import load_model_and_tokenizer
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from scripts import chat_openai_api, serve_openai_api
-from scripts.serve_openai_api import Admission, ApiError, ReplyParser
+from scripts.serve_openai_api import Admission, ApiError
 from conftest import save_tiny_qwen2
 from trainer.engine import save_weights
 
@@ -403,61 +404,6 @@ def test_tool_results_and_thinking_switch_render_through_the_template(scripted_s
     assert reply.usage.prompt_tokens == prompt_tokens(tokenizer, WEATHER_QUESTION, enable_thinking=False)
 
 
-def events_of(text: str, pieces: list[str], **settings) -> list[tuple[str, str]]:
-    """The parser's events for `pieces`, consecutive texts of a kind joined, tool calls without their random id."""
-    parser, events = ReplyParser(**settings), []
-    for piece in pieces:
-        events += parser.feed(piece)
-    events += parser.finish()
-    merged = []
-    for kind, value in events:
-        value = json.dumps({k: v for k, v in value.items() if k != "id"}) if kind == "tool_call" else value
-        if merged and merged[-1][0] == kind == "content" or merged and merged[-1][0] == kind == "reasoning":
-            merged[-1] = (kind, merged[-1][1] + value)
-        else:
-            merged.append((kind, value))
-    return merged
-
-
-CALL_JSON = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
-PARSED_CALL = json.dumps({"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}})
-
-
-@pytest.mark.parametrize("text, settings, expected", [
-    ("Hello <b>world</b>", {}, [("content", "Hello <b>world</b>")]),
-    ("<think>\nsome thought\n</think>\n\nThe answer.", {}, [("reasoning", "some thought"), ("content", "The answer.")]),
-    ("some thought\n</think>\n\nThe answer.", {"starts_thinking": True}, [("reasoning", "some thought"), ("content", "The answer.")]),
-    (f"<think>\nr\n</think>\n\n<tool_call>\n{CALL_JSON}\n</tool_call>", {}, [("reasoning", "r"), ("content", f"<tool_call>\n{CALL_JSON}\n</tool_call>")]),
-    (f"<think>\nr\n</think>\n\n<tool_call>\n{CALL_JSON}\n</tool_call>", {"parse_tools": True}, [("reasoning", "r"), ("tool_call", PARSED_CALL)]),
-    (f"Let me look.\n<tool_call>\n{CALL_JSON}\n</tool_call>\n<tool_call>\n{CALL_JSON}\n</tool_call>", {"parse_tools": True},
-     [("content", "Let me look."), ("tool_call", PARSED_CALL), ("tool_call", PARSED_CALL)]),
-    ("<tool_call>\nnot json\n</tool_call> ok", {"parse_tools": True}, [("content", "<tool_call>\nnot json\n</tool_call> ok")]),
-    ('<tool_call>\n{"name": "get_wea', {"parse_tools": True}, [("content", '<tool_call>\n{"name": "get_wea')]),
-    ("<think>\ncut off while thinking\n", {}, [("reasoning", "cut off while thinking")]),
-    ("ends with the start of a tag <thi", {"parse_tools": True}, [("content", "ends with the start of a tag <thi")]),
-])
-def test_reply_parser_piece_by_piece_equals_whole(text, settings, expected):
-    settings = {"parse_tools": False, **settings}
-    assert events_of(text, [text], **settings) == expected
-    assert events_of(text, list(text), **settings) == expected
-    assert events_of(text, [text[i:i + 3] for i in range(0, len(text), 3)], **settings) == expected
-
-
-@pytest.mark.parametrize("message", [
-    {"role": "assistant", "content": "Plain answer."},
-    {"role": "assistant", "content": "Answer after thought.", "reasoning_content": "Thought."},
-    {"role": "assistant", "content": "Calling.", "reasoning_content": "Need data.",
-     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-])
-def test_reply_parser_reads_back_what_the_chat_template_writes(tokenizer, message):
-    """The template is the format's definition: an assistant message rendered by it parses back to itself."""
-    rendered = tokenizer.apply_chat_template([QUESTION[0], message], tools=WEATHER_TOOLS, tokenize=False)
-    reply = rendered.split("<|im_start|>assistant\n")[-1].removesuffix("<|im_end|>\n")
-    expected = ([("reasoning", message["reasoning_content"])] if "reasoning_content" in message else []) \
-        + [("content", message["content"])] + [("tool_call", PARSED_CALL)] * len(message.get("tool_calls", []))
-    assert events_of(reply, list(reply), parse_tools=True) == expected
-
-
 def test_admission_bounds_running_and_waiting_requests():
     async def scenario():
         admission = Admission(max_running=1, max_waiting=1)
@@ -508,6 +454,13 @@ def test_the_chat_client_keeps_a_conversation(random_server):
                              "--temperature", "0"], input="你好\n\n再见\n", capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("🤖: ") == 2 and result.stdout.count("👶: ") == 4
+
+
+@pytest.mark.parametrize("argv, thinking, stream", [([], None, 1), (["--open_thinking", "--stream", "0"], 1, 0),
+                                                    (["--enable_thinking", "0", "--stream"], 0, 1)])
+def test_the_chat_client_thinking_flag_and_its_alias(argv, thinking, stream):
+    args = chat_openai_api.parse_args(argv)
+    assert (args.open_thinking, args.stream) == (thinking, stream)
 
 
 @pytest.mark.parametrize("script, flag", [(serve_openai_api, "--max_concurrency"), (chat_openai_api, "--base_url")])

@@ -9,6 +9,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from model.model_lora import LoRAConfig, apply_lora, save_lora
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from trainer.engine import save_weights
 
@@ -72,6 +73,28 @@ def test_a_chat_turn_with_a_trained_minimind(monkeypatch, tmp_path, weights_dir)
     answer = page.session_state["messages"][-1]
     assert answer["role"] == "assistant" and answer["content"].strip()
     assert shown[1][1] == answer["content"]  # the streamed answer is what the bubble shows, as text
+
+
+def test_a_lora_adapter_is_found_under_save_dir(monkeypatch, tmp_path):
+    """`--lora_weight NAME` is <save_dir>/lora/NAME_<hidden>.pth, as the trainer writes it, not <repo>/out/lora."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(**PRESETS["tiny"]))
+    save_weights(model, tmp_path / "full_sft_64.pth")
+    apply_lora(model, LoRAConfig(rank=4))
+    save_lora(model, tmp_path / "lora" / "lora_identity_64.pth")
+    page = start_page(monkeypatch, "--save_dir", str(tmp_path), "--lora_weight", "lora_identity", *QUICK)
+    assert not page.exception and not page.warning
+    assert "full_sft_64.pth" in page.caption[0].value
+    page = start_page(monkeypatch, "--save_dir", str(tmp_path), "--lora_weight", "lora_missing", *QUICK)
+    assert str(tmp_path / "lora" / "lora_missing_64.pth") in page.warning[0].value  # where it looked
+
+
+@pytest.mark.parametrize("flags, thinking", [([], False), (["--open_thinking", "1"], True), (["--enable_thinking"], True),
+                                             (["--enable_thinking", "0"], False)])
+def test_the_thinking_flag_and_its_alias_set_the_toggle(monkeypatch, flags, thinking, tmp_path):
+    page = start_page(monkeypatch, "--save_dir", str(tmp_path), *flags)
+    assert not page.exception
+    assert page.toggle(key="thinking").value is thinking
 
 
 def test_regenerate_replaces_the_last_answer(monkeypatch, weights_dir):

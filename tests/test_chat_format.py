@@ -1,0 +1,213 @@
+"""The chat format (model/chat_format.py): replies read into reasoning, answer and tool calls,
+whole or while they stream, checked against what the chat template itself writes; the history
+policy (whole turns, oldest first); and the module stays free of torch."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from model.chat_format import (PromptTooLong, ReplyParser, final_answer, fit_history, render_prompt, split_reasoning,
+                               thinking_well_formed, typed_questions)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUESTION = {"role": "user", "content": "Weather in Paris?"}
+WEATHER_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(REPO_ROOT / "model")
+
+
+def assistant_text(tokenizer, message: dict, tools: list[dict] | None = None) -> str:
+    """What the chat template writes for an assistant message: the text a model is trained to reply."""
+    rendered = tokenizer.apply_chat_template([QUESTION, message], tools=tools, tokenize=False)
+    return rendered.split("<|im_start|>assistant\n")[-1].removesuffix("<|im_end|>\n")
+
+
+@pytest.mark.parametrize("module", ["model.chat_format", "scripts.chat_openai_api"])
+def test_the_format_and_the_api_client_import_no_torch(module):
+    """The terminal API client reads the format too, and must start instantly: torch takes seconds."""
+    probe = f"import sys, {module}; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+# --- a whole reply, or the part written so far ----------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>\nsome thought\n</think>\n\nThe answer.", ("some thought", "The answer.")),
+    ("some thought\n</think>\n\nThe answer.", ("some thought", "The answer.")),  # the prompt opened the block
+    ("Just an answer.", ("", "Just an answer.")),
+    ("An answer that mentions <think>.", ("", "An answer that mentions <think>.")),
+    ("<think>\nstill thinking", ("still thinking", "")),  # partial: the block is not closed yet
+    ("<think>\nthought\n</think>\n\nThe ans", ("thought", "The ans")),
+    ("\n<thi", ("", "")),  # partial: the opening tag is still arriving
+    ("", ("", "")),
+])
+def test_split_reasoning_on_complete_and_partial_replies(text, expected):
+    assert split_reasoning(text) == expected
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "assistant", "content": "Plain answer."},
+    {"role": "assistant", "content": "Answer after thought.", "reasoning_content": "Thought."},
+])
+def test_split_reasoning_reads_back_what_the_chat_template_writes(tokenizer, message):
+    reply = assistant_text(tokenizer, message)
+    assert split_reasoning(reply) == (message.get("reasoning_content", ""), message["content"])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>\n7 + 12 = 19\n</think>\n\n19", "\n\n19"),
+    ("<think>a</think>b</think>c", "c"),  # after the last close
+    ("19", "19"),
+    ("<think>\nran out of tokens while thinking", ""),
+])
+def test_final_answer_is_what_follows_the_last_think_block(text, expected):
+    assert final_answer(text) == expected
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("<think>\nsteps\n</think>\n\n19", True),
+    ("  \n<think>steps</think>19", True),  # whitespace before the block is allowed
+    ("<think></think>", True),  # empty thought and answer: the format is still right
+    ("19 <think>steps</think>", False),  # text before the block
+    ("<think>\nsteps, never closed", False),
+    ("steps</think>19", False),  # no opening tag
+    ("<think>a</think><think>b</think>19", False),  # two blocks
+    ("<think>a</think>19</think>", False),
+    ("19", False),
+])
+def test_thinking_well_formed(reply, expected):
+    assert thinking_well_formed(reply) is expected
+
+
+# --- a reply as it streams -----------------------------------------------------------------------
+
+def events_of(text: str, pieces: list[str], **settings) -> list[tuple[str, str]]:
+    """The parser's events for `pieces`, consecutive texts of a kind joined, tool calls without their random id."""
+    parser, events = ReplyParser(**settings), []
+    for piece in pieces:
+        events += parser.feed(piece)
+    events += parser.finish()
+    merged = []
+    for kind, value in events:
+        value = json.dumps({k: v for k, v in value.items() if k != "id"}) if kind == "tool_call" else value
+        if merged and merged[-1][0] == kind == "content" or merged and merged[-1][0] == kind == "reasoning":
+            merged[-1] = (kind, merged[-1][1] + value)
+        else:
+            merged.append((kind, value))
+    return merged
+
+
+CALL_JSON = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+PARSED_CALL = json.dumps({"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}})
+
+
+@pytest.mark.parametrize("text, settings, expected", [
+    ("Hello <b>world</b>", {}, [("content", "Hello <b>world</b>")]),
+    ("<think>\nsome thought\n</think>\n\nThe answer.", {}, [("reasoning", "some thought"), ("content", "The answer.")]),
+    ("some thought\n</think>\n\nThe answer.", {"starts_thinking": True}, [("reasoning", "some thought"), ("content", "The answer.")]),
+    (f"<think>\nr\n</think>\n\n<tool_call>\n{CALL_JSON}\n</tool_call>", {}, [("reasoning", "r"), ("content", f"<tool_call>\n{CALL_JSON}\n</tool_call>")]),
+    (f"<think>\nr\n</think>\n\n<tool_call>\n{CALL_JSON}\n</tool_call>", {"parse_tools": True}, [("reasoning", "r"), ("tool_call", PARSED_CALL)]),
+    (f"Let me look.\n<tool_call>\n{CALL_JSON}\n</tool_call>\n<tool_call>\n{CALL_JSON}\n</tool_call>", {"parse_tools": True},
+     [("content", "Let me look."), ("tool_call", PARSED_CALL), ("tool_call", PARSED_CALL)]),
+    ("<tool_call>\nnot json\n</tool_call> ok", {"parse_tools": True}, [("content", "<tool_call>\nnot json\n</tool_call> ok")]),
+    ('<tool_call>\n{"name": "get_wea', {"parse_tools": True}, [("content", '<tool_call>\n{"name": "get_wea')]),
+    ("<think>\ncut off while thinking\n", {}, [("reasoning", "cut off while thinking")]),
+    ("ends with the start of a tag <thi", {"parse_tools": True}, [("content", "ends with the start of a tag <thi")]),
+])
+def test_reply_parser_piece_by_piece_equals_whole(text, settings, expected):
+    settings = {"parse_tools": False, **settings}
+    assert events_of(text, [text], **settings) == expected
+    assert events_of(text, list(text), **settings) == expected
+    assert events_of(text, [text[i:i + 3] for i in range(0, len(text), 3)], **settings) == expected
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "assistant", "content": "Plain answer."},
+    {"role": "assistant", "content": "Answer after thought.", "reasoning_content": "Thought."},
+    {"role": "assistant", "content": "Calling.", "reasoning_content": "Need data.",
+     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+])
+def test_reply_parser_reads_back_what_the_chat_template_writes(tokenizer, message):
+    """The template is the format's definition: an assistant message rendered by it parses back to itself."""
+    reply = assistant_text(tokenizer, message, WEATHER_TOOLS)
+    expected = ([("reasoning", message["reasoning_content"])] if "reasoning_content" in message else []) \
+        + [("content", message["content"])] + [("tool_call", PARSED_CALL)] * len(message.get("tool_calls", []))
+    assert events_of(reply, list(reply), parse_tools=True) == expected
+
+
+# --- the history policy --------------------------------------------------------------------------
+
+def conversation_of(turns: int, system: bool = True) -> list[dict]:
+    messages = [{"role": "system", "content": "You are MiniMind."}] if system else []
+    for i in range(turns - 1):
+        messages += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": f"answer {i} " * 5}]
+    return messages + [{"role": "user", "content": "the last question"}]
+
+
+def prompt_tokens(tokenizer, messages) -> int:
+    return len(tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False).input_ids)
+
+
+def test_fit_history_keeps_everything_that_fits(tokenizer):
+    messages = conversation_of(4)
+    assert fit_history(tokenizer, messages, 10_000) == messages
+    assert fit_history(tokenizer, messages, 10_000, keep_turns=1) == messages[:1] + messages[5:]
+    assert fit_history(tokenizer, messages, 10_000, keep_turns=0) == [messages[0], messages[-1]]
+
+
+def test_fit_history_drops_oldest_whole_turns_to_fit(tokenizer):
+    messages = conversation_of(4)
+    budget = prompt_tokens(tokenizer, messages[:1] + messages[3:]) + 1  # room for the last past turn only
+    fitted = fit_history(tokenizer, messages, budget)
+    assert fitted == messages[:1] + messages[3:]
+    assert prompt_tokens(tokenizer, fitted) <= budget
+    no_system = conversation_of(3, system=False)
+    assert fit_history(tokenizer, no_system, prompt_tokens(tokenizer, no_system[-1:])) == no_system[-1:]
+
+
+def test_fit_history_keeps_tool_messages_with_their_turn(tokenizer):
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"name": "weather", "arguments": {"city": "Paris"}}]},
+                {"role": "tool", "content": "sunny"},
+                {"role": "assistant", "content": "It is sunny."},
+                {"role": "user", "content": "thanks"}]
+    assert fit_history(tokenizer, messages, 10_000, keep_turns=1) == messages
+    assert fit_history(tokenizer, messages, 10_000, keep_turns=0) == messages[-1:]
+
+
+def test_fit_history_never_drops_the_last_user_turn(tokenizer):
+    messages = conversation_of(3)
+    with pytest.raises(PromptTooLong):
+        fit_history(tokenizer, messages, prompt_tokens(tokenizer, [messages[0], messages[-1]]) - 1)
+
+
+def test_fit_history_without_a_token_budget_needs_no_tokenizer():
+    """What an API client sends: the same turns, the fitting to the context left to the server."""
+    messages = conversation_of(4)
+    assert fit_history(None, messages) == messages
+    assert fit_history(None, messages, keep_turns=1) == messages[:1] + messages[5:]
+    assert fit_history(None, messages, keep_turns=0) == [messages[0], messages[-1]]
+
+
+# --- the terminal --------------------------------------------------------------------------------
+
+def test_typed_questions_skip_blank_lines_and_end_at_end_of_input(monkeypatch):
+    lines = iter(["first", "   ", "", " second "])
+
+    def typed(prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", typed)
+    assert list(typed_questions()) == ["first", "second"]
