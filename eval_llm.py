@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataset.lm_dataset import JsonlFile, PretrainDataset, SFTDataset, check_prompt, pad_rows
+from dataset.lm_dataset import JsonlFile, check_prompt, dataset_for_file, pad_rows
 from dataset.tasks import is_correct
 from model.chat_format import PromptTooLong, fit_history, render_prompt, start_messages, typed_questions
 from model.loader import add_model_args, add_switch, chat_stream, context_length, describe, generation_config, load_from_args
+from model.model_minimind import next_token_nll
 
 CANNED_PROMPTS = [
     "你有什么特长？",
@@ -204,14 +204,6 @@ def print_table(summary: dict) -> None:
 # Perplexity
 # ---------------------------------------------------------------------------------------------
 
-def scored_dataset(path: Path, tokenizer, max_seq_len: int) -> PretrainDataset | SFTDataset:
-    """The file as training reads it: `{"text"}` lines are scored on every token (`<bos> text <eos>`),
-    `{"conversations"}` lines only on the assistant's replies, as SFT learns them."""
-    first = JsonlFile(path)[0]
-    dataset_class = PretrainDataset if isinstance(first, dict) and "text" in first else SFTDataset
-    return dataset_class(path, tokenizer, max_length=max_seq_len)
-
-
 @torch.inference_mode()
 def perplexity(model, dataset, batch_size: int, max_samples: int = 0) -> dict:
     """exp of the mean next-token negative log-likelihood over every scored token of the file."""
@@ -222,10 +214,9 @@ def perplexity(model, dataset, batch_size: int, max_samples: int = 0) -> dict:
         batch = pad_rows(items, max(len(item["input_ids"]) for item in items), dataset.pad_token_id)
         logits = model(input_ids=batch["input_ids"].to(model.device),
                        attention_mask=batch["attention_mask"].to(model.device)).logits
-        targets = batch["labels"][:, 1:].to(model.device)  # the token at position t is predicted at t - 1
-        nll_sum += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                         ignore_index=-100, reduction="sum"))
-        tokens += int((targets != -100).sum())
+        labels = batch["labels"].to(model.device)
+        nll_sum += float(next_token_nll(logits, labels, reduction="sum"))
+        tokens += int((labels[:, 1:] != -100).sum())  # the token at position t is predicted at t - 1
     mean_nll = nll_sum / max(tokens, 1)
     return {"documents": count, "tokens": tokens, "nll": mean_nll, "ppl": math.exp(mean_nll)}
 
@@ -249,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                 results.update(summary)
             if args.ppl_file:
                 path = Path(args.ppl_file)
-                dataset = scored_dataset(path, tokenizer, args.max_seq_len)
+                dataset = dataset_for_file(path, tokenizer, args.max_seq_len)
                 ppl = perplexity(model, dataset, args.batch_size, args.max_samples)
                 print(f"perplexity {ppl['ppl']:.3f} (mean NLL {ppl['nll']:.4f} over {ppl['tokens']:,} tokens "
                       f"of {ppl['documents']} documents)")

@@ -118,7 +118,7 @@ def add_size_args(group: argparse._ActionsContainer, prefix: str = "", *, hidden
                        help=f"a named size; overrides the size flags below{help_suffix}")
     group.add_argument(f"--{prefix}hidden_size", type=int, default=hidden_size)
     group.add_argument(f"--{prefix}num_hidden_layers", type=int, default=num_hidden_layers)
-    group.add_argument(f"--{prefix}use_moe", type=int, default=0, choices=[0, 1])
+    add_switch(group, f"--{prefix}use_moe", help="1 = the mixture-of-experts layout")
 
 
 def size_from_args(args: argparse.Namespace, prefix: str = "") -> MiniMindConfig:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
+from dataset.lm_dataset import dataset_for_file
 from model.chat_format import render_prompt
 from model.loader import add_switch, chat_stream, load_from_args, load_model_and_tokenizer
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
@@ -75,7 +76,7 @@ def run_eval_llm(*args: str, stdin: str | None = None, cwd: Path | None = None) 
 # --- loading ----------------------------------------------------------------------------------
 
 def test_pth_with_sidecar_round_trip(weights_dir, tiny_model):
-    model, tokenizer = load_model_and_tokenizer(str(weights_dir / "full_sft_64.pth"), device="cpu")
+    model, tokenizer = load_model_and_tokenizer(str(weights_dir / "full_sft_64.pth"), device="cpu", dtype="float32")
     assert isinstance(model, MiniMindForCausalLM) and model.config.hidden_size == 64 and not model.training
     assert model.dtype == torch.float32 and len(tokenizer) == 6400
     torch.testing.assert_close(logits(model), logits(half_rounded(tiny_model)))
@@ -83,7 +84,7 @@ def test_pth_with_sidecar_round_trip(weights_dir, tiny_model):
 
 def test_native_name_under_save_dir(weights_dir, tiny_model):
     """`--load_from model --weight full_sft --save_dir D` reads D/full_sft_<hidden>.pth, as the original."""
-    model, _ = load_model_and_tokenizer("model", weight="full_sft", save_dir=str(weights_dir), preset="tiny", device="cpu")
+    model, _ = load_model_and_tokenizer("model", weight="full_sft", save_dir=str(weights_dir), preset="tiny", device="cpu", dtype="float32")
     torch.testing.assert_close(logits(model), logits(half_rounded(tiny_model)))
     with pytest.raises(FileNotFoundError, match="pretrain_64.pth"):
         load_model_and_tokenizer("model", weight="pretrain", save_dir=str(weights_dir), preset="tiny", device="cpu")
@@ -94,7 +95,7 @@ def test_pth_without_sidecar_takes_the_size_flags(tmp_path):
     original = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2)).eval()
     save_weights(original, tmp_path / "pretrain_64.pth")
     (tmp_path / "pretrain_64.json").unlink()
-    model, _ = load_model_and_tokenizer(str(tmp_path / "pretrain_64.pth"), hidden_size=64, num_hidden_layers=2, device="cpu")
+    model, _ = load_model_and_tokenizer(str(tmp_path / "pretrain_64.pth"), hidden_size=64, num_hidden_layers=2, device="cpu", dtype="float32")
     torch.testing.assert_close(logits(model), logits(half_rounded(original)))
     with pytest.raises(ValueError, match="size flags"):  # strict: a wrong size is an error, not a partial load
         load_model_and_tokenizer(str(tmp_path / "pretrain_64.pth"), hidden_size=64, num_hidden_layers=3, device="cpu")
@@ -280,7 +281,7 @@ def test_perplexity_of_text_by_hand(tiny_model, tokenizer, tmp_path):
         ids = [1] + tokenizer(text, add_special_tokens=False).input_ids + [2]
         nll += summed_nll(tiny_model, ids, range(1, len(ids)))
         count += len(ids) - 1
-    dataset = eval_llm.scored_dataset(jsonl(tmp_path / "text.jsonl", [{"text": t} for t in texts]), tokenizer, 512)
+    dataset = dataset_for_file(jsonl(tmp_path / "text.jsonl", [{"text": t} for t in texts]), tokenizer, 512)
     result = eval_llm.perplexity(tiny_model, dataset, batch_size=3)
     assert result["tokens"] == count
     assert result["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
@@ -297,7 +298,7 @@ def test_perplexity_of_conversations_counts_assistant_tokens_only(tiny_model, to
         scored += range(start, end + 1)
     assert [tokenizer.decode([ids[t]]) for t in scored].count("<|im_end|>") == 2
     nll = summed_nll(tiny_model, ids, scored)
-    dataset = eval_llm.scored_dataset(jsonl(tmp_path / "chat.jsonl", [{"conversations": conversation}]), tokenizer, 512)
+    dataset = dataset_for_file(jsonl(tmp_path / "chat.jsonl", [{"conversations": conversation}]), tokenizer, 512)
     result = eval_llm.perplexity(tiny_model, dataset, batch_size=1)
     assert result["tokens"] == len(scored)
     assert result["ppl"] == pytest.approx(math.exp(nll / len(scored)), rel=1e-4)

@@ -70,7 +70,7 @@ def stage_parser(description: str, *, save_weight: str, from_weight: str, learni
                        help="'none' = random init; a name in --save_dir (<name>_<hidden>[_moe].pth), a .pth path, or an HF directory")
     files.add_argument("--tokenizer_path", default="model", help="HF tokenizer directory (default: the bundled one in <repo>/model)")
     files.add_argument("--checkpoint_dir", default="checkpoints", help="resume checkpoints go here (default: <repo>/checkpoints)")
-    files.add_argument("--from_resume", type=int, default=0, choices=[0, 1], help="1 = continue from the resume checkpoint if there is one")
+    loader.add_switch(files, "--from_resume", help="1 = continue from the resume checkpoint if there is one")
 
     size = parser.add_argument_group("model size (ignored when the loaded weights carry their config)")
     loader.add_size_args(size)
@@ -91,10 +91,10 @@ def stage_parser(description: str, *, save_weight: str, from_weight: str, learni
     runtime.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                          help="auto = bf16 where the device runs it faster than fp32, else fp16 on CUDA, else fp32")
     runtime.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
-    runtime.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="torch.compile the model")
+    loader.add_switch(runtime, "--use_compile", help="1 = torch.compile the model")
     runtime.add_argument("--log_interval", type=int, default=log_interval, help="log every N optimizer steps")
     runtime.add_argument("--save_interval", type=int, default=save_interval, help="save weights + resume state every N optimizer steps")
-    runtime.add_argument("--use_wandb", action="store_true", help="log to wandb (or swanlab if wandb is absent); offline without an API key")
+    loader.add_switch(runtime, "--use_wandb", help="1 = log to wandb (or swanlab if wandb is absent); offline without an API key")
     runtime.add_argument("--wandb_project", default="MiniMind")
     runtime.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many consecutive non-finite losses/gradients")
 
@@ -107,9 +107,9 @@ def stage_parser(description: str, *, save_weight: str, from_weight: str, learni
 
 
 def add_packing_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pack", type=int, default=1, choices=[0, 1],
-                        help="1 = pack several documents into each full row (attention stays within each); "
-                             "0 = one padded document per row, as the original")
+    loader.add_switch(parser, "--pack", default=1,
+                      help="1 = pack several documents into each full row (attention stays within each); "
+                           "0 = one padded document per row, as the original")
 
 
 def model_config(args: argparse.Namespace) -> MiniMindConfig:

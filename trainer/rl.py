@@ -39,7 +39,8 @@ from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassificat
                           PreTrainedTokenizerBase)
 
 from dataset.lm_dataset import IGNORE_INDEX, PackedBatches, RLAIFDataset
-from dataset.tasks import THINK_CLOSE, THINK_OPEN, extract_answer, is_correct
+from dataset.tasks import extract_answer, is_correct
+from model.chat_format import THINK_CLOSE, THINK_OPEN, final_answer, thinking_well_formed
 from model import loader
 from trainer import engine
 
@@ -67,9 +68,9 @@ def add_rl_args(parser: argparse.ArgumentParser, *, ppo_epochs: int) -> None:
                          help="sampling temperature (> 0); log-probs are taken at the same temperature")
     rollout.add_argument("--top_p", type=float, default=1.0,
                          help="nucleus sampling; below 1 the sampled distribution is no longer the one the ratios use")
-    rollout.add_argument("--enable_thinking", type=int, default=None, choices=[0, 1],
-                         help="passed to the chat template: 0 = the prompt ends with an empty <think> block "
-                              "(default: the template's own choice)")
+    loader.add_switch(rollout, "--open_thinking", "--enable_thinking", default=None,
+                      help="passed to the chat template as enable_thinking: 0 = the prompt ends with an empty "
+                           "<think> block (default: the template's own choice)")
     update = parser.add_argument_group("policy update")
     update.add_argument("--ppo_epochs", type=int, default=ppo_epochs,
                         help="optimizer steps over each batch of rollouts; above 1 the ratio clip comes into play")
@@ -115,7 +116,7 @@ def setup(args: argparse.Namespace) -> Setup:
     policy = engine.load_model(args, runtime)
     # The reference is the starting policy, copied before any resume state is loaded into the policy.
     reference = engine.freeze(copy.deepcopy(policy), runtime)
-    enable_thinking = None if args.enable_thinking is None else bool(args.enable_thinking)
+    enable_thinking = None if args.open_thinking is None else bool(args.open_thinking)
     dataset = RLAIFDataset(str(data_path), tokenizer, max_length=args.max_seq_len, enable_thinking=enable_thinking)
     return Setup(runtime, tokenizer, policy, reference, build_rewards(args, runtime.device),
                  engine.lm_batches(args, runtime, dataset))
@@ -378,7 +379,7 @@ class FormatReward:
     """0.5 for a well-formed reasoning block, 0.5 for a final answer the model ended itself.
 
     Well-formed: the reply opens with `<think>`, closes it once with `</think>`, and opens no other.
-    When the prompt already holds the (empty) block (`--enable_thinking 0`), well-formed means no think
+    When the prompt already holds the (empty) block (`--open_thinking 0`), well-formed means no think
     tags at all. The answer half needs non-empty text after the block and an end-of-turn token."""
     name, low, high = "format", 0.0, 1.0
 
@@ -386,10 +387,9 @@ class FormatReward:
         scores = []
         for prompt, response, finished in zip(rollout.prompts, rollout.responses, rollout.finished.tolist()):
             if prompt.rstrip().endswith(THINK_CLOSE):
-                thinking_ok = THINK_OPEN not in response and THINK_CLOSE not in response
+                thinking_ok = THINK_OPEN not in response and THINK_CLOSE not in response  # nothing left to open
             else:
-                thinking_ok = (response.lstrip().startswith(THINK_OPEN) and response.count(THINK_OPEN) == 1
-                               and response.count(THINK_CLOSE) == 1)
+                thinking_ok = thinking_well_formed(response)
             answer_ok = finished and bool(extract_answer(response))
             scores.append(0.5 * thinking_ok + 0.5 * answer_ok)
         return torch.tensor(scores)
@@ -441,7 +441,7 @@ class ModelReward:
         self.device, self.low, self.high = device, -clip, clip
 
     def conversation_text(self, prompt: str, response: str) -> str:
-        answer = response.rsplit(THINK_CLOSE, 1)[-1].strip()
+        answer = final_answer(response).strip()
         messages = [{"role": role, "content": content} for role, content in _CHATML_TURN.findall(prompt)]
         if not messages or not self.tokenizer.chat_template:
             return prompt + answer

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset.lm_dataset import DPODataset, pad_preference_pairs
+from model import loader
 from trainer import engine
 
 
@@ -188,15 +189,15 @@ def main() -> None:
     dpo.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference model")
     dpo.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo", "hinge"],
                      help="sigmoid = DPO; ipo = IPO's squared loss (per-token log-ratios); hinge = SLiC")
-    dpo.add_argument("--length_normalize", type=int, default=0, choices=[0, 1],
-                     help="1 = mean instead of sum of the reply's token log-probs (the original MiniMind's choice)")
+    loader.add_switch(dpo, "--length_normalize",
+                      help="1 = mean instead of sum of the reply's token log-probs (the original MiniMind's choice)")
     dpo.add_argument("--rpo_alpha", type=float, default=0.0,
                      help="weight of the chosen reply's per-token NLL added to the loss (RPO; 0 = plain DPO)")
     dpo.add_argument("--ref_weight", default=None,
                      help="reference model: a name in --save_dir, a .pth path or an HF directory (default: --from_weight)")
-    dpo.add_argument("--precompute_ref", type=int, default=0, choices=[0, 1],
-                     help="1 = score every pair with the reference once, before training, instead of keeping the "
-                          "reference model in memory")
+    loader.add_switch(dpo, "--precompute_ref",
+                      help="1 = score every pair with the reference once, before training, instead of keeping the "
+                           "reference model in memory")
     args = parser.parse_args()
     if args.loss_type == "ipo" and args.length_normalize:
         parser.error("--loss_type ipo already compares per-token log-ratios; leave --length_normalize 0")

@@ -27,10 +27,11 @@ from functools import partial
 import torch
 
 from dataset.lm_dataset import SFTDataset
+from model.chat_format import THINK_CLOSE, THINK_OPEN
 from model.model_minimind import next_token_nll
 from trainer import engine
 
-TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+TAGS = (THINK_OPEN, THINK_CLOSE, "<answer>", "</answer>")
 
 
 def tag_token_ids(tokenizer, tags: tuple[str, ...] = TAGS) -> list[list[int]]:
