@@ -224,3 +224,19 @@ def test_validation_reports_nats_per_token_and_bits_per_byte(tmp_path):
         nll_text, text_bytes = nll_text + float(nll[:-1].sum()), text_bytes + len(text.encode("utf-8"))
     assert figures["val_loss"] == pytest.approx(nll_all / tokens, rel=1e-6)
     assert figures["val_bpb"] == pytest.approx(nll_text / (math.log(2) * text_bytes), rel=1e-6)
+
+
+def test_weight_decay_reaches_matrices_only(tmp_path):
+    """`--weight_decay` decays the attention and MLP matrices; norms and the (tied) embedding are not."""
+    model = tiny_model()
+    trainer = engine.Trainer(make_args(tmp_path, "--weight_decay", "0.1"), engine.Runtime(torch.device("cpu"), torch.float32), model)
+    decay_of = {id(p): group["weight_decay"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    names = dict(model.named_parameters())
+    assert len(decay_of) == len(names)  # every parameter is in exactly one group
+    for name, param in names.items():
+        expected = 0.1 if name.endswith("_proj.weight") else 0.0
+        assert decay_of[id(param)] == expected, name
+    assert decay_of[id(model.lm_head.weight)] == 0.0 and model.lm_head.weight is model.model.embed_tokens.weight
+    help_text = engine.stage_parser("x", save_weight="a", from_weight="none", learning_rate=1, epochs=1, batch_size=1,
+                                    max_seq_len=8, data_file="x").format_help()
+    assert "the original decayed every parameter" in " ".join(help_text.split())
