@@ -33,6 +33,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
 from model.chat_format import Message, render_prompt
 from model.model_lora import load_lora, merge_lora
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+from model.weights import read_weights, sidecar_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NATIVE = "model"  # `--load_from model`: read <save_dir>/<weight>_<hidden>[_moe].pth
@@ -138,16 +139,17 @@ def lora_file(name: str, config, save_dir: str | Path = DEFAULT_SAVE_DIR) -> Pat
 
 
 def read_pth(path: Path) -> tuple[dict[str, torch.Tensor], MiniMindConfig | None]:
-    """A `.pth` state dict and the config of its `<stem>.json` sidecar (None when it has none)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    sidecar = path.with_suffix(".json")
-    config = MiniMindConfig.from_json_file(str(sidecar)) if sidecar.exists() else None
+    """`weights.read_weights` without the sidecar's extras, for trainer/engine.py until it imports
+    model/weights.py itself."""
+    state, config, _ = read_weights(path)
     return state, config
 
 
 def load_pth(path: Path, fallback_config: MiniMindConfig, inference_rope_scaling: bool = False) -> MiniMindForCausalLM:
-    state, config = read_pth(path)
-    config_source = f"its sidecar {path.with_suffix('.json').name}" if config else "--preset / the size flags (no sidecar)"
+    """A MiniMind model with the weights of `path`, built from its sidecar's config, else from
+    `fallback_config`; strictly loaded."""
+    state, config, _ = read_weights(path)
+    config_source = f"its sidecar {sidecar_path(path).name}" if config else "--preset / the size flags (no sidecar)"
     config = config or fallback_config
     if inference_rope_scaling:
         config.inference_rope_scaling = True

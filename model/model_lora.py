@@ -34,6 +34,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from model.weights import atomic_save, sidecar_path
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_CONFIG, PEFT_WEIGHTS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 
@@ -166,11 +168,10 @@ def merged_copy(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 def save_lora(model: nn.Module, path: str | Path) -> None:
-    """`<name>.pth` with the adapter tensors and `<name>.json` with their config."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(lora_state_dict(model), path)
-    path.with_suffix(".json").write_text(model.lora_config.to_json(), encoding="utf-8")
+    """`<name>.pth` with the adapter tensors and `<name>.json` with their config, each written
+    atomically. Pass the model itself, not a DDP or torch.compile wrapper."""
+    atomic_save(lora_state_dict(model), path)
+    atomic_save(model.lora_config.to_json(), sidecar_path(path))
 
 
 def read_lora(source: str | Path) -> tuple[dict[str, torch.Tensor], LoRAConfig]:
@@ -181,7 +182,7 @@ def read_lora(source: str | Path) -> tuple[dict[str, torch.Tensor], LoRAConfig]:
         return read_peft(source)
     state = torch.load(source, map_location="cpu", weights_only=True)
     state = {key.removeprefix("module."): tensor for key, tensor in state.items()}  # the original saved DDP names
-    sidecar = source.with_suffix(".json")
+    sidecar = sidecar_path(source)
     if sidecar.exists():
         return state, LoRAConfig.from_dict(json.loads(sidecar.read_text(encoding="utf-8")))
     a_weights = [tensor for key, tensor in state.items() if key.endswith(".lora.A.weight")]

@@ -22,38 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from scripts.common import DEMO, accelerator_name, cpu_name
+
 VARIANTS = ["padded-fp32", "packed-fp32", "packed-bf16", "packed-fp32-compiled", "packed-bf16-compiled"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except FileNotFoundError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def accelerator_name(device: str) -> str | None:
-    """The GPU that `--device` resolves to, if any: results name it beside the host CPU."""
-    if device in ("auto", "cuda") or device.startswith("cuda:"):
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(torch.device("cuda" if device == "auto" else device))
-    if device in ("auto", "mps") and torch.backends.mps.is_available():
-        return "Apple MPS"
-    return None
 
 
 def peak_matmul_flops(dtype: torch.dtype, device: torch.device) -> float:
@@ -131,7 +110,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data_path", default=str(REPO / "dataset" / "demo" / "pretrain.jsonl"))
+    parser.add_argument("--data_path", default=str(DEMO / "pretrain.jsonl"))
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print its JSON
     args = parser.parse_args()
     if args.one:

@@ -50,6 +50,7 @@ from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, Pretr
 from model import loader
 from model.model_lora import read_lora, write_peft
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+from model.weights import sidecar_path, write_weights
 
 TARGETS = ("hf", "llama", "qwen3", "pth", "peft")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -195,9 +196,7 @@ def write_pth(model: MiniMindForCausalLM, path: Path, dtype: torch.dtype) -> Non
     config = copy.deepcopy(model.config)
     config.architectures, config.dtype = None, dtype  # architectures/auto_map describe an HF directory's files
     config.__dict__.pop("auto_map", None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    path.with_suffix(".json").write_text(config.to_json_string(), encoding="utf-8")
+    write_weights(state, config, path)
 
 
 def convert(source: Path, output: Path, target: str | None = None, dtype: str = "auto", *,
@@ -223,7 +222,7 @@ def convert(source: Path, output: Path, target: str | None = None, dtype: str = 
     torch_dtype = stored if dtype == "auto" else getattr(torch, dtype)
     if target == "pth":
         write_pth(model, output, torch_dtype)
-        return [output, output.with_suffix(".json")]
+        return [output, sidecar_path(output)]
     write_hf_directory(model, output, target, torch_dtype, tokenizer_path)
     return sorted(p for p in output.iterdir() if p.is_file())
 

@@ -14,42 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "dataset" / "demo"
+from scripts.common import DEMO, REPO, last_json, read_metrics, run
+
 CHAT_PROMPTS = ["3 加 5 等于多少？", "What is 7 plus 2?", "9 和 4 哪个大？", "How many letters are in the word dog?", "你好"]
-
-
-def run(command: list[str], timeout_s: float | None = None, stop_at_timeout: bool = False) -> str:
-    """Run a step, echoing its command; its output streams to the terminal and is returned. Past
-    `timeout_s` the step fails, or with `stop_at_timeout` is stopped and its output so far returned."""
-    print(f"\n$ {' '.join(shlex.quote(c) for c in command)}", flush=True)
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    deadline = time.time() + timeout_s if timeout_s is not None else None
-    for line in process.stdout:
-        sys.stdout.write(line)
-        lines.append(line)
-        if deadline is not None and time.time() > deadline:
-            process.kill()
-            process.wait()
-            if not stop_at_timeout:
-                sys.exit(f"step ran past {timeout_s:.0f}s: {' '.join(command)}")
-            print(f"\n(stopped after {timeout_s:.0f}s; using what it saved)", flush=True)
-            return "".join(lines)
-    if process.wait() != 0:
-        sys.exit(f"step failed (exit {process.returncode}): {' '.join(command)}")
-    return "".join(lines)
-
-
-def last_json(output: str) -> dict:
-    return json.loads(output.strip().splitlines()[-1])
 
 
 def unigram_entropy(data_path: Path, tokenizer_path: Path, max_length: int) -> float:
@@ -65,10 +37,6 @@ def unigram_entropy(data_path: Path, tokenizer_path: Path, max_length: int) -> f
         counts.update(dataset[i]["input_ids"][1:].tolist())
     total = sum(counts.values())
     return -sum(c / total * math.log(c / total) for c in counts.values())
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def plot_loss(records: list[dict], title: str, path: Path, reference: tuple[float, str] | None = None) -> None:

@@ -32,14 +32,11 @@ from pathlib import Path
 
 import torch
 
-from dataset.lm_dataset import DPODataset
+from dataset.lm_dataset import DPODataset, pad_preference_pairs
 from model.loader import load_model_and_tokenizer
-from scripts.bench_train import accelerator_name, cpu_name
-from scripts.demo_pipeline import last_json, read_metrics, run
-from trainer.train_dpo import PairsWithReference, reply_log_probs
+from model.model_minimind import next_token_nll
+from scripts.common import DEMO, REPO, accelerator_name, cpu_name, last_json, read_metrics, run
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "dataset" / "demo"
 THINK_THEN_ANSWER = re.compile(r"\s*<think>(?P<thought>.*?)</think>(?P<answer>.*)", re.DOTALL)
 
 
@@ -65,15 +62,19 @@ def write_held_out_pairs(path: Path) -> None:
 
 @torch.inference_mode()
 def preference_accuracy(weights: Path, pairs_path: Path) -> float:
-    """Share of pairs whose chosen reply the model finds likelier than the rejected one (summed log-probs,
-    the model alone: no reference)."""
+    """Share of pairs whose chosen reply the model finds likelier than the rejected one: a lower
+    negative log-likelihood summed over the reply's tokens, the model alone (no reference). As in
+    DPO training, both sides of 50 pairs go through the model as one batch."""
     model, tokenizer = load_model_and_tokenizer(str(weights), device="cpu", dtype="float32")
     pairs = DPODataset(pairs_path, tokenizer, max_length=128)
     wins = 0
     for start in range(0, len(pairs), 50):
-        items = [pairs[i] for i in range(start, min(start + 50, len(pairs)))]
-        chosen, rejected, *_ = reply_log_probs(model, PairsWithReference.collate(items, 128, pairs.pad_token_id), False)
-        wins += int((chosen > rejected).sum())
+        batch = pad_preference_pairs([pairs[i] for i in range(start, min(start + 50, len(pairs)))], pairs.pad_token_id)
+        sides = {key: torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
+                 for key in ("input_ids", "labels", "attention_mask")}
+        logits = model(input_ids=sides["input_ids"], attention_mask=sides["attention_mask"]).logits
+        chosen_nll, rejected_nll = next_token_nll(logits, sides["labels"]).sum(dim=1).chunk(2)
+        wins += int((chosen_nll < rejected_nll).sum())
     return wins / len(pairs)
 
 

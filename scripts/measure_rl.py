@@ -30,11 +30,8 @@ from pathlib import Path
 
 import torch
 
-from scripts.bench_train import accelerator_name, cpu_name
-from scripts.demo_pipeline import last_json, read_metrics, run
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "dataset" / "demo"
+from model.weights import read_sidecar
+from scripts.common import DEMO, REPO, accelerator_name, cpu_name, last_json, read_metrics, run
 
 
 def accuracy(weights: Path, args: argparse.Namespace) -> dict:
@@ -143,7 +140,7 @@ def main() -> None:
         base = ["--preset", "tiny", "--from_weight", "none"]
     else:
         base = ["--from_weight", str(Path(args.base).resolve())]
-    hidden = 64 if args.quick else json.loads(Path(args.base).with_suffix(".json").read_text())["hidden_size"]
+    hidden = 64 if args.quick else read_sidecar(args.base)[0].hidden_size
 
     results = {"cpu": cpu_name(), "accelerator": accelerator_name(args.device), "base": "random tiny model" if args.quick else str(args.base),
                "data": str((DEMO / "rlaif.jsonl").relative_to(REPO)), "max_steps": args.max_steps,

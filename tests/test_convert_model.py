@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, Qwen3ForCausalLM, pipeline
 
-from model.loader import BUNDLED_TOKENIZER
+from model.loader import BUNDLED_TOKENIZER, load_pth
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from scripts.convert_model import main as convert
 from test_model import make_model, max_relative_diff, random_ids
@@ -75,6 +75,19 @@ def test_round_trip(tmp_path, capsys, layout, target):
     for name, tensor in expected.items():
         assert actual[name].dtype == tensor.dtype and torch.equal(actual[name], tensor), name
     assert comparable(MiniMindConfig.from_json_file(str(back.with_suffix(".json")))) == comparable(model.config)
+
+
+def test_pth_written_loads_strictly_with_its_sidecar(tmp_path):
+    """--to pth writes through model/weights.py: the loader rebuilds the model from the sidecar alone
+    (the fallback fits nothing here), strictly, and the atomic writes leave no temporary file."""
+    model = make_model(**LAYOUTS["minimind3"])
+    convert([str(save_pth(model, tmp_path / "m.pth")), str(tmp_path / "hf")])
+    convert([str(tmp_path / "hf"), str(tmp_path / "out" / "back_64.pth")])
+    back = load_pth(tmp_path / "out" / "back_64.pth", MiniMindConfig())
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(back.eval()(ids).logits, model(ids).logits)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["back_64.json", "back_64.pth"]
 
 
 def test_yarn_written_as_rope_parameters(tmp_path):

@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM
 
 from conftest import assert_ranks_in_sync, kill_then_resume, losses, run_trainer, tiny_flags, torchrun
 from model.loader import add_model_args, load_from_args, load_model_and_tokenizer, load_pth
-from model.model_lora import (LoRAConfig, apply_lora, load_lora, lora_layers, lora_state_dict, merged_copy,
+from model.model_lora import (LoRAConfig, apply_lora, load_lora, lora_layers, lora_state_dict, merged_copy, save_lora,
                               write_peft)
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from scripts import convert_model
@@ -94,6 +94,16 @@ def test_an_adapter_file_of_the_original_minimind_loads(tmp_path):
     assert relative_diff(logits(fresh), logits(model)) <= 1e-6
 
 
+def test_save_lora_then_load_lora_gives_the_same_adapters(tmp_path):
+    model = adapted_model(LoRAConfig(rank=4, alpha=16.0, dropout=0.1, targets=("q_proj", "down_proj")))
+    save_lora(model, tmp_path / "lora" / "lora_identity_64.pth")
+    fresh = base_model()
+    assert load_lora(fresh, tmp_path / "lora" / "lora_identity_64.pth") == model.lora_config
+    saved, loaded = lora_state_dict(model), lora_state_dict(fresh)
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert torch.equal(logits(fresh.eval()), logits(model.eval()))
+
+
 # --- PEFT, the independent reference ----------------------------------------------------------
 
 def test_peft_loads_our_export_with_the_same_logits(tmp_path):
@@ -150,6 +160,16 @@ def test_train_lora_saves_only_the_adapter_and_leaves_the_base_alone(trained, ba
     for key, tensor in torch.load(base_weights, weights_only=True).items():
         assert torch.equal(resume["model"][key], tensor.float()), f"{key} changed during LoRA training"
     assert len(losses(trained / "out" / "lora_identity_64.metrics.jsonl")) == 8
+
+
+def test_save_lora_writes_the_trainers_adapter_files_byte_for_byte(trained, base_weights, tmp_path):
+    """An adapter the trainer wrote, loaded and saved again with `save_lora`, gives the same two files."""
+    adapter = trained / "out" / "lora" / "lora_identity_64.pth"
+    model = load_pth(base_weights, MiniMindConfig(**PRESETS["tiny"]))
+    load_lora(model, adapter)
+    save_lora(model, tmp_path / "again.pth")
+    assert (tmp_path / "again.pth").read_bytes() == adapter.read_bytes()
+    assert (tmp_path / "again.json").read_bytes() == adapter.with_suffix(".json").read_bytes()
 
 
 def test_lora_weight_flag_merges_the_adapter_into_the_loaded_model(trained, base_weights):

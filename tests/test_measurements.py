@@ -7,6 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from dataset.lm_dataset import DPODataset
+from model.loader import load_pth, load_tokenizer
+from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+from model.weights import save_weights
+from scripts.measure_post_training import preference_accuracy, write_held_out_pairs
+
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -37,3 +45,25 @@ def test_measure_post_training_reports_dpo_distillation_and_reasoning(tmp_path):
     assert 0.0 <= results["dpo"]["accuracy_dpo"] <= 1.0
     assert results["distillation"]["held_out_nll_kd"] > 0 and results["distillation"]["held_out_nll_ce_only"] > 0
     assert 0.0 <= results["reason"]["well_formed_thinking_on"] <= 1.0
+
+
+@torch.inference_mode()
+def test_held_out_preference_accuracy_counts_pairs_whose_chosen_reply_is_likelier(tmp_path):
+    """Against each reply scored alone, unpadded, by a full log-softmax: the batched measurement
+    (both sides of 50 pairs in one padded batch) must find the same winners."""
+    torch.manual_seed(0)
+    save_weights(MiniMindForCausalLM(MiniMindConfig(**PRESETS["tiny"], initializer_range=0.3)), tmp_path / "m.pth")
+    write_held_out_pairs(tmp_path / "pairs.jsonl")
+    model = load_pth(tmp_path / "m.pth", MiniMindConfig()).eval()
+    pairs = DPODataset(tmp_path / "pairs.jsonl", load_tokenizer(), max_length=128)
+
+    def reply_log_prob(ids: torch.Tensor, labels: torch.Tensor) -> float:
+        log_probs = torch.log_softmax(model(ids[None]).logits[0, :-1].float(), dim=-1)
+        scored = labels[1:] != -100
+        return log_probs[scored].gather(1, labels[1:][scored, None]).sum().item()
+
+    items = [pairs[i] for i in range(len(pairs))]
+    wins = sum(reply_log_prob(item["chosen_input_ids"], item["chosen_labels"])
+               > reply_log_prob(item["rejected_input_ids"], item["rejected_labels"]) for item in items)
+    assert 0 < wins < len(pairs)
+    assert preference_accuracy(tmp_path / "m.pth", tmp_path / "pairs.jsonl") == wins / len(pairs)

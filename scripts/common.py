@@ -1,0 +1,72 @@
+"""What the pipeline, measurement and benchmark scripts share: running each step as the command a
+user would type, reading back what it printed and logged, and naming the machine the figures come
+from. A library, not an entry script: scripts import it, never each other.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "dataset" / "demo"
+
+
+def run(command: list[str], timeout_s: float | None = None, stop_at_timeout: bool = False) -> str:
+    """Run a step from the repo root, echoing its command; its output streams to the terminal and is
+    returned. Past `timeout_s` the step fails, or with `stop_at_timeout` is stopped and its output
+    so far returned."""
+    print(f"\n$ {' '.join(shlex.quote(c) for c in command)}", flush=True)
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.time() + timeout_s if timeout_s is not None else None
+    for line in process.stdout:
+        sys.stdout.write(line)
+        lines.append(line)
+        if deadline is not None and time.time() > deadline:
+            process.kill()
+            process.wait()
+            if not stop_at_timeout:
+                sys.exit(f"step ran past {timeout_s:.0f}s: {' '.join(command)}")
+            print(f"\n(stopped after {timeout_s:.0f}s; using what it saved)", flush=True)
+            return "".join(lines)
+    if process.wait() != 0:
+        sys.exit(f"step failed (exit {process.returncode}): {' '.join(command)}")
+    return "".join(lines)
+
+
+def last_json(output: str) -> dict:
+    """The JSON object a script prints as its last line (eval_llm.py, the bench_* scripts)."""
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """A trainer's `<stem>.metrics.jsonl`: one record per logged step."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def cpu_name() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except FileNotFoundError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def accelerator_name(device: str) -> str | None:
+    """The GPU that `--device` resolves to, if any: results name it beside the host CPU."""
+    if device in ("auto", "cuda") or device.startswith("cuda:"):
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(torch.device("cuda" if device == "auto" else device))
+    if device in ("auto", "mps") and torch.backends.mps.is_available():
+        return "Apple MPS"
+    return None
