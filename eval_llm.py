@@ -27,7 +27,8 @@ from tqdm import tqdm
 from dataset.lm_dataset import JsonlFile, check_prompt, dataset_for_file, pad_rows
 from dataset.tasks import is_correct
 from model.chat_format import PromptTooLong, fit_history, render_prompt, start_messages, typed_questions
-from model.loader import add_model_args, add_switch, chat_stream, context_length, describe, generation_config, load_from_args
+from model.loader import (add_model_args, add_switch, chat_stream, context_length, describe, describe_training,
+                          generation_config, load_from_args)
 from model.model_minimind import next_token_nll
 
 CANNED_PROMPTS = [
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     print(f"loaded {describe(model)}", file=sys.stderr)
+    if training := describe_training(model):
+        print(training, file=sys.stderr)
 
     if args.eval_file or args.ppl_file:
         results, details = {"load_from": args.load_from, "weight": args.weight}, []

@@ -138,17 +138,10 @@ def lora_file(name: str, config, save_dir: str | Path = DEFAULT_SAVE_DIR) -> Pat
     return resolve_path(save_dir, DEFAULT_SAVE_DIR) / "lora" / weight_file_name(name, config)
 
 
-def read_pth(path: Path) -> tuple[dict[str, torch.Tensor], MiniMindConfig | None]:
-    """`weights.read_weights` without the sidecar's extras, for trainer/engine.py until it imports
-    model/weights.py itself."""
-    state, config, _ = read_weights(path)
-    return state, config
-
-
 def load_pth(path: Path, fallback_config: MiniMindConfig, inference_rope_scaling: bool = False) -> MiniMindForCausalLM:
     """A MiniMind model with the weights of `path`, built from its sidecar's config, else from
     `fallback_config`; strictly loaded."""
-    state, config, _ = read_weights(path)
+    state, config, extra = read_weights(path)
     config_source = f"its sidecar {sidecar_path(path).name}" if config else "--preset / the size flags (no sidecar)"
     config = config or fallback_config
     if inference_rope_scaling:
@@ -163,6 +156,7 @@ def load_pth(path: Path, fallback_config: MiniMindConfig, inference_rope_scaling
                          f"{' '.join(first_problems)} — pass the right --preset or --hidden_size/--num_hidden_layers/--use_moe"
                          ) from None
     model.name_or_path = str(path)
+    model.train_args = extra.get("train_args")  # what trained it, when a trainer of ours wrote it
     return model
 
 
@@ -316,6 +310,17 @@ def describe(model: PreTrainedModel) -> str:
     parameters = sum(p.numel() for p in model.parameters())
     return (f"{model.name_or_path}: {type(model).__name__}, {parameters / 1e6:.2f}M parameters, "
             f"{str(model.dtype).removeprefix('torch.')} on {model.device}")
+
+
+def describe_training(model: PreTrainedModel) -> str | None:
+    """How the weights were trained, from their sidecar's `train_args` (None when it has none): the
+    command to rerun, the commit it ran at, and the data it read."""
+    record = getattr(model, "train_args", None)
+    if not record:
+        return None
+    data = record.get("data") or {}
+    data_text = f"; data {data['path']} ({data['lines']:,} lines)" if data else ""
+    return f"trained by: {record['command']} (commit {record.get('commit') or 'unknown'}{data_text})"
 
 
 # ---------------------------------------------------------------------------------------------

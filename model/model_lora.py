@@ -167,11 +167,14 @@ def merged_copy(model: nn.Module) -> nn.Module:
 # Files: ours (.pth + .json sidecar) and PEFT's
 # ---------------------------------------------------------------------------------------------
 
-def save_lora(model: nn.Module, path: str | Path) -> None:
-    """`<name>.pth` with the adapter tensors and `<name>.json` with their config, each written
+def save_lora(model: nn.Module, path: str | Path, extra: dict | None = None) -> None:
+    """`<name>.pth` with the adapter tensors and `<name>.json` with their config (plus the keys of
+    `extra`, e.g. the trainer's `train_args`, which `LoRAConfig.from_dict` passes over), each written
     atomically. Pass the model itself, not a DDP or torch.compile wrapper."""
+    sidecar = model.lora_config.to_json() if not extra else json.dumps({**json.loads(model.lora_config.to_json()),
+                                                                        **extra}, indent=2)
     atomic_save(lora_state_dict(model), path)
-    atomic_save(model.lora_config.to_json(), sidecar_path(path))
+    atomic_save(sidecar, sidecar_path(path))
 
 
 def read_lora(source: str | Path) -> tuple[dict[str, torch.Tensor], LoRAConfig]:

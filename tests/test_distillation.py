@@ -13,6 +13,7 @@ from conftest import (assert_ranks_in_sync, assert_same_losses, kill_then_resume
 from dataset.lm_dataset import SFTDataset, pad_rows
 from model.loader import load_tokenizer
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+from model.weights import save_weights
 from trainer import engine
 from trainer.train_distillation import distillation_step
 
@@ -59,7 +60,7 @@ def test_kl_is_zero_when_the_student_is_the_teacher_and_alpha_mixes_ce_with_kl(s
 
 
 def save_teacher(model: MiniMindForCausalLM, path) -> str:
-    engine.save_weights(model, path)
+    save_weights(model, path)
     return str(path)
 
 

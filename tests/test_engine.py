@@ -93,17 +93,6 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
             trainer.train_step([{"input_ids": ids, "labels": ids}], poisoned_loss)
 
 
-def test_weights_file_is_half_precision_with_config_sidecar(tmp_path):
-    model = tiny_model()
-    path = tmp_path / "pretrain_64.pth"
-    engine.save_weights(model, path)
-    state, config = engine.read_weights(path)
-    assert all(v.dtype == torch.float16 for v in state.values())
-    assert config.hidden_size == 64 and config.num_hidden_layers == 2
-    twin = MiniMindForCausalLM(config)
-    twin.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-
-
 def test_weight_file_names_follow_minimind():
     assert engine.weight_stem(MiniMindConfig(), "pretrain") == "pretrain_512"
     assert engine.weight_stem(MiniMindConfig(**PRESETS["minimind2-moe"]), "full_sft") == "full_sft_640_moe"

@@ -21,7 +21,7 @@ from dataset.lm_dataset import dataset_for_file
 from model.chat_format import render_prompt
 from model.loader import add_switch, chat_stream, load_from_args, load_model_and_tokenizer
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
-from trainer.engine import save_weights
+from model.weights import save_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EVAL_LLM = REPO_ROOT / "eval_llm.py"

@@ -16,7 +16,7 @@ from model.model_lora import (LoRAConfig, apply_lora, load_lora, lora_layers, lo
                               write_peft)
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from scripts import convert_model
-from trainer.engine import save_weights
+from model.weights import save_weights
 
 IDS = torch.randint(3, 6400, (2, 24), generator=torch.Generator().manual_seed(1))
 

@@ -27,7 +27,7 @@ from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from scripts import chat_openai_api, serve_openai_api
 from scripts.serve_openai_api import Admission, ApiError
 from conftest import save_tiny_qwen2
-from trainer.engine import save_weights
+from model.weights import save_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE = REPO_ROOT / "scripts" / "serve_openai_api.py"

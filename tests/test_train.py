@@ -196,3 +196,29 @@ def test_compiled_training_logs_the_same_losses(small_data, tmp_path):
     run_trainer("train_pretrain.py", tiny_flags(compiled, small_data["pretrain"], "--max_steps", "3", "--use_compile", "1"))
     expected = losses(plain / "out" / "pretrain_64.metrics.jsonl")
     assert_same_losses(losses(compiled / "out" / "pretrain_64.metrics.jsonl"), expected, tolerance=1e-4)
+
+
+def test_weights_carry_every_flag_the_commit_and_the_data(small_data, tmp_path):
+    """The sidecar's "train_args" is enough to rerun the stage: the command, every parsed flag, the
+    commit and the data file with its line count; eval_llm shows it on load."""
+    from model.weights import read_weights
+
+    flags = tiny_flags(tmp_path, small_data["pretrain"], "--max_steps", "2", "--learning_rate", "3e-4")
+    run_trainer("train_pretrain.py", flags)
+    weights = tmp_path / "out" / "pretrain_64.pth"
+    _, config, extra = read_weights(weights)
+    record = extra["train_args"]
+    assert config.hidden_size == 64 and "train_args" not in config.to_dict()
+    assert record["script"] == "train_pretrain.py" and record["command"].split()[1:] == flags
+    assert record["flags"]["learning_rate"] == 3e-4 and record["flags"]["max_steps"] == 2
+    assert record["flags"]["warmup_steps"] == 0  # defaults too, not only what was typed
+    assert record["data"] == {"path": str(small_data["pretrain"]), "lines": 300}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], capture_output=True,
+                            text=True).stdout.strip()
+    assert record["commit"].removesuffix("-dirty") == commit
+
+    shown = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "eval_llm.py"), "--load_from", str(weights),
+                            "--prompts", "你好", "--max_new_tokens", "2", "--device", "cpu"],
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert "trained by: train_pretrain.py" in shown.stderr and commit[:7] in shown.stderr

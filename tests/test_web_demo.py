@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from model.model_lora import LoRAConfig, apply_lora, save_lora
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
-from trainer.engine import save_weights
+from model.weights import save_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WEB_DEMO = REPO_ROOT / "scripts" / "web_demo.py"

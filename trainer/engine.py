@@ -23,6 +23,8 @@ import json
 import math
 import os
 import random
+import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 
 from dataset.lm_dataset import PackedBatches, dataset_for_file, pad_rows
 from model import loader
+from model.weights import atomic_save, previous_version, save_weights
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, next_token_nll
 
 REPO_ROOT = loader.REPO_ROOT
@@ -238,40 +241,6 @@ def save_dir(args: argparse.Namespace) -> Path:
 
 def checkpoint_dir(args: argparse.Namespace) -> Path:
     return loader.resolve_path(args.checkpoint_dir, default="checkpoints")
-
-
-def atomic_save(obj: Any, path: Path, keep_previous: bool = False) -> None:
-    """Write to a temporary file, fsync, then rename: a kill at any moment leaves either the old file
-    or the new one, never half of one. With `keep_previous`, the file being replaced is kept as
-    `previous_version(path)`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        if isinstance(obj, (str, bytes)):
-            handle.write(obj.encode() if isinstance(obj, str) else obj)
-        else:
-            torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    if keep_previous and path.exists():
-        os.replace(path, previous_version(path))
-    os.replace(tmp, path)
-
-
-def previous_version(path: Path) -> Path:
-    return path.with_name(f"{path.stem}.previous{path.suffix}")
-
-
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """MiniMind's weight file: a half-precision state dict, plus the config as `<stem>.json` beside it
-    so that loading never depends on remembering the size flags."""
-    model = unwrap(model)
-    state = {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()}
-    atomic_save(state, path)
-    atomic_save(model.config.to_json_string(), path.with_suffix(".json"))
-
-
-read_weights = loader.read_pth
 
 
 def load_model(args: argparse.Namespace, runtime: Runtime, name: str | None = None,
@@ -511,6 +480,31 @@ def parameter_groups(model: torch.nn.Module, trainable: list[torch.nn.Parameter]
             {"params": [p for p in trainable if id(p) not in decayed_ids], "weight_decay": 0.0}]
 
 
+def git_commit() -> str | None:
+    """The repo's commit, with "-dirty" when files differ from it; None outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def train_record(args: argparse.Namespace, dataset) -> dict:
+    """What produced a weight file, saved in its sidecar as `"train_args"`: the command as typed, every
+    parsed flag (defaults included), the commit, and the data file with its line count. Rerunning
+    `command` at `commit` on that data reproduces the run."""
+    data = getattr(dataset, "file", None)
+    return {"command": shlex.join([Path(sys.argv[0]).name if sys.argv else "", *sys.argv[1:]]),
+            "script": Path(sys.argv[0]).name if sys.argv else None,
+            "flags": {key: value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+                      for key, value in vars(args).items()},
+            "commit": git_commit(),
+            "data": {"path": str(data.path), "lines": len(data)} if data is not None else None}
+
+
 class Trainer:
     """Owns the model's optimisation: optimizer, schedule, precision, DDP, logging, checkpoints.
 
@@ -522,7 +516,7 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace, runtime: Runtime, model: torch.nn.Module, *, tokenizer=None,
                  state_objects: dict[str, Any] | None = None, params: Iterable[torch.nn.Parameter] | None = None,
-                 weight_saver: Callable[[torch.nn.Module, Path], None] = save_weights,
+                 weight_saver: Callable[[torch.nn.Module, Path, dict], None] = save_weights,
                  weights_path: Path | None = None, eval_model: torch.nn.Module | None = None):
         self.args, self.runtime = args, runtime
         self.state_objects = state_objects or {}
@@ -562,6 +556,7 @@ class Trainer:
         steps_per_epoch = math.ceil(batches.estimated_batches_per_epoch() / self.args.accumulation_steps)
         self.total_steps = self.args.epochs * steps_per_epoch * updates_per_window
         self.state_objects["data"] = batches  # its position is part of the resume state
+        self.train_args = train_record(self.args, batches.dataset)
         if self.load_resume() and self.complete():
             self.runtime.print(f"{self.stem}: the run is complete ({self.step} steps, {self.epochs_completed} of "
                                f"{self.args.epochs} epoch(s)); nothing to train. Raise --epochs or --max_steps "
@@ -776,7 +771,7 @@ class Trainer:
         if self.step == self.saved_step:
             return
         if self.runtime.is_main:
-            self.weight_saver(self.model, self.weights_path)
+            self.weight_saver(unwrap(self.model), self.weights_path, {"train_args": self.train_args})
         atomic_save(self.resume_state(), self.rank_resume_path(), keep_previous=True)
         self.saved_step = self.step
         if self.runtime.distributed:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from dataset.lm_dataset import DPODataset, pad_preference_pairs
 from model import loader
+from model.weights import atomic_save
 from trainer import engine
 
 
@@ -112,7 +113,7 @@ class PairsWithReference(torch.utils.data.Dataset):
 
     def __init__(self, pairs: DPODataset, reference_logps: torch.Tensor | None = None):
         self.pairs, self.reference_logps = pairs, reference_logps
-        self.pad_token_id = pairs.pad_token_id
+        self.pad_token_id, self.file = pairs.pad_token_id, pairs.file
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -178,7 +179,7 @@ def precomputed_reference(args, runtime: engine.Runtime, policy: torch.nn.Module
     logps = compute_reference_logps(reference, pairs, args, runtime)
     policy.train()
     if runtime.is_main:
-        engine.atomic_save({"fingerprint": fingerprint, "logps": logps}, path)
+        atomic_save({"fingerprint": fingerprint, "logps": logps}, path)
     return logps
 
 

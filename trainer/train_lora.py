@@ -13,21 +13,13 @@ config beside them. The resume checkpoint holds the whole model, so resuming is 
 """
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from dataset.lm_dataset import SFTDataset
 from model.loader import lora_file
-from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, lora_parameters, lora_state_dict
+from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, lora_parameters, save_lora
 from trainer import engine
-
-
-def save_adapter(model: torch.nn.Module, path: Path) -> None:
-    """The Trainer's weight saver: the adapter tensors and their config, nothing of the base model."""
-    model = engine.unwrap(model)
-    engine.atomic_save(lora_state_dict(model), path)
-    engine.atomic_save(model.lora_config.to_json(), path.with_suffix(".json"))
 
 
 def add_adapters(args: argparse.Namespace, model: torch.nn.Module, runtime: engine.Runtime) -> dict:
@@ -38,7 +30,7 @@ def add_adapters(args: argparse.Namespace, model: torch.nn.Module, runtime: engi
     total = sum(p.numel() for p in model.parameters())
     runtime.print(f"LoRA rank {config.rank}, alpha {config.alpha:g} on {len(layers)} layers ({args.lora_targets}): "
                   f"{trainable:,} trainable parameters, {100 * trainable / total:.2f}% of the model")
-    return {"params": lora_parameters(model), "weight_saver": save_adapter,
+    return {"params": lora_parameters(model), "weight_saver": save_lora,
             "weights_path": lora_file(args.save_weight, model.config, args.save_dir)}
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from model.model_minimind import MiniMindForCausalLM, MiniMindModel
+from model.weights import save_weights
 from trainer import engine, rl
 
 
@@ -164,10 +165,9 @@ def actor_and_critic_saver(args: argparse.Namespace):
     name = args.save_weight
     critic_name = name.replace("actor", "critic") if "actor" in name else f"{name}_critic"
 
-    def save(model: torch.nn.Module, path: Path) -> None:
-        model = engine.unwrap(model)
-        engine.save_weights(model.actor, path)
-        engine.save_weights(model.critic, path.with_name(f"{engine.weight_stem(model.config, critic_name)}.pth"))
+    def save(model: ActorCritic, path: Path, extra: dict) -> None:
+        save_weights(model.actor, path, extra)
+        save_weights(model.critic, path.with_name(f"{engine.weight_stem(model.config, critic_name)}.pth"), extra)
     return save
 
 
