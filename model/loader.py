@@ -31,6 +31,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           TemperatureLogitsWarper, TextIteratorStreamer, TopKLogitsWarper, TopPLogitsWarper)
 
 from model.chat_format import Message, render_prompt
+from model.cli import add_switch
 from model.model_lora import load_lora, merge_lora
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from model.weights import read_weights, sidecar_path
@@ -266,14 +267,6 @@ def merge_lora_weight(model: PreTrainedModel, lora_weight: str, save_dir: str | 
     dtype = model.dtype  # merged in fp32, so that only the merged weights are rounded, once
     load_lora(model.float(), path)
     return merge_lora(model).to(dtype)
-
-
-def add_switch(group: argparse._ActionsContainer, *names: str, default: int | None = 0, help: str) -> None:
-    """An on/off flag, spelled the same way in every script: `--name 1` / `--name 0` as the original
-    MiniMind's flags, and `--name` alone for 1, as a `store_true` flag. The value is the int 0 or 1
-    (`default` when the flag is absent; None = the script decides). Several `names` are aliases of
-    the first, which names the value."""
-    group.add_argument(*names, nargs="?", const=1, type=int, choices=[0, 1], default=default, help=help)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

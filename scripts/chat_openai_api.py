@@ -17,11 +17,9 @@ import sys
 from openai import OpenAI, OpenAIError
 
 from model.chat_format import fit_history, start_messages, typed_questions
+from model.cli import add_switch
 
 DIM, RESET = "\033[2m", "\033[0m"
-# model.loader's add_switch, spelled out: importing the loader would load torch, ~10 s before the
-# first prompt of a client that needs none. The same 0|1 flags: `--stream 0`, `--open_thinking` (= 1).
-SWITCH = dict(nargs="?", const=1, type=int, choices=[0, 1])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,9 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_tokens", type=int, default=512, help="longest answer, in tokens (default: 512)")
     parser.add_argument("--temperature", type=float, default=0.85, help="0 = greedy (default: 0.85)")
     parser.add_argument("--top_p", type=float, default=0.85, help="(default: 0.85)")
-    parser.add_argument("--open_thinking", "--enable_thinking", default=None, **SWITCH,
-                        help="1 = ask for a <think> block, 0 = none (default: the model's chat template decides)")
-    parser.add_argument("--stream", default=1, **SWITCH, help="1 = print the answer as it is written")
+    add_switch(parser, "--open_thinking", "--enable_thinking", default=None,
+               help="1 = ask for a <think> block, 0 = none (default: the model's chat template decides)")
+    add_switch(parser, "--stream", default=1, help="1 = print the answer as it is written")
     return parser.parse_args(argv)
 
 

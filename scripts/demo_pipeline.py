@@ -5,8 +5,9 @@
 
 Each step runs the real script a user would run (printed before it starts), so this file is also the
 recipe. At the end it writes `<out_dir>/report.md` and loss curves in `images/`, showing whether the
-model learned: the pretraining loss against the unigram entropy of the data (what a model that
-ignores context achieves at best), and exact-match accuracy on held-out questions before and after SFT.
+model learned: the training and validation loss of each stage (every 20th document is held out),
+the pretraining loss against the unigram entropy of the data (what a model that ignores context
+achieves at best), and exact-match accuracy on held-out questions before and after SFT.
 """
 
 from __future__ import annotations
@@ -39,7 +40,19 @@ def unigram_entropy(data_path: Path, tokenizer_path: Path, max_length: int) -> f
     return -sum(c / total * math.log(c / total) for c in counts.values())
 
 
+def split_validation(source: Path, directory: Path, every: int = 20) -> tuple[Path, Path]:
+    """Every `every`-th line of `source` held out as validation data, the rest to train on: a split
+    spread over the whole file (the demo files are grouped by source and task), the same every run."""
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    train, validation = directory / f"{source.stem}_train.jsonl", directory / f"{source.stem}_val.jsonl"
+    train.write_text("".join(line for i, line in enumerate(lines) if i % every != every - 1), encoding="utf-8")
+    validation.write_text("".join(line for i, line in enumerate(lines) if i % every == every - 1), encoding="utf-8")
+    return train, validation
+
+
 def plot_loss(records: list[dict], title: str, path: Path, reference: tuple[float, str] | None = None) -> None:
+    """Training loss, and the validation loss where it was measured, against loss-bearing tokens."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,6 +60,11 @@ def plot_loss(records: list[dict], title: str, path: Path, reference: tuple[floa
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.plot([r["tokens"] / 1e6 for r in records], [r["loss"] for r in records], label="training loss")
+    validated = [r for r in records if "val_loss" in r]
+    if validated:
+        ax.plot([r["tokens"] / 1e6 for r in validated], [r["val_loss"] for r in validated], "o-",
+                label=f"validation loss (held-out; last {validated[-1]['val_loss']:.3f}, "
+                      f"{validated[-1]['val_bpb']:.3f} bits/byte)")
     if reference:
         ax.axhline(reference[0], color="gray", linestyle="--", label=reference[1])
     ax.set_xlabel("loss-bearing tokens (millions)")
@@ -70,6 +88,7 @@ def main() -> None:
     parser.add_argument("--max_seq_len", type=int, default=256)
     parser.add_argument("--pretrain_epochs", type=int, default=1)
     parser.add_argument("--sft_epochs", type=int, default=2)
+    parser.add_argument("--eval_interval", type=int, default=25, help="optimizer steps between validations")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
@@ -90,9 +109,15 @@ def main() -> None:
     cap = ["--max_steps", "8"] if args.quick else []
     hidden = 64 if args.quick else args.hidden_size
 
+    # Every 20th document and conversation is held out: its loss is the validation curve.
+    pretrain_data, pretrain_val = split_validation(DEMO / "pretrain.jsonl", out / "data")
+    sft_data, sft_val = split_validation(DEMO / "sft.jsonl", out / "data")
+    common += ["--eval_interval", str(2 if args.quick else args.eval_interval)]
+
     # 1. Pretraining: next-token prediction on the demo corpus, from random weights.
     run([python, "trainer/train_pretrain.py", *common, *cap, "--from_weight", "none", "--batch_size", "16",
-         "--epochs", str(args.pretrain_epochs), "--learning_rate", "2e-3", "--warmup_steps", "20"])
+         "--epochs", str(args.pretrain_epochs), "--learning_rate", "2e-3", "--warmup_steps", "20",
+         "--data_path", str(pretrain_data), "--eval_data", str(pretrain_val)])
 
     def evaluate(weight: str) -> dict:
         output = run([python, "eval_llm.py", "--load_from", str(out / f"{weight}_{hidden}.pth"),
@@ -106,7 +131,8 @@ def main() -> None:
 
     # 3. SFT: the same loss on assistant replies only, starting from the pretrained weights.
     run([python, "trainer/train_full_sft.py", *common, *cap, "--from_weight", "pretrain", "--batch_size", "16",
-         "--epochs", str(args.sft_epochs), "--learning_rate", "1e-3", "--warmup_steps", "20"])
+         "--epochs", str(args.sft_epochs), "--learning_rate", "1e-3", "--warmup_steps", "20",
+         "--data_path", str(sft_data), "--eval_data", str(sft_val)])
     after = evaluate("full_sft")
 
     # 4. A few answers, greedy, as `python eval_llm.py` shows them.
@@ -116,7 +142,7 @@ def main() -> None:
     # 5. The report.
     pretrain_metrics = read_metrics(out / f"pretrain_{hidden}.metrics.jsonl")
     sft_metrics = read_metrics(out / f"full_sft_{hidden}.metrics.jsonl")
-    entropy = unigram_entropy(DEMO / "pretrain.jsonl", tokenizer, args.max_seq_len)
+    entropy = unigram_entropy(pretrain_data, tokenizer, args.max_seq_len)
     tail = pretrain_metrics[-max(1, len(pretrain_metrics) // 10):]
     final_pretrain_loss = sum(r["loss"] for r in tail) / len(tail)
     plot_loss(pretrain_metrics, "Pretraining on the demo corpus", images / "demo_pretrain_loss.png",
@@ -126,6 +152,9 @@ def main() -> None:
         "model": f"hidden {hidden}, {2 if args.quick else args.num_hidden_layers} layers",
         "unigram_entropy": round(entropy, 3), "pretrain_final_loss": round(final_pretrain_loss, 3),
         "pretrain_tokens": pretrain_metrics[-1]["tokens"], "sft_final_loss": round(sft_metrics[-1]["loss"], 3),
+        **{f"{stage}_{key}": round(metrics[-1][key], 3) for stage, metrics in (("pretrain", pretrain_metrics),
+                                                                               ("sft", sft_metrics))
+           for key in ("val_loss", "val_bpb")},
         "accuracy_before_sft": before["accuracy"], "accuracy_after_sft": after["accuracy"],
         "eval_samples": after["samples"], "minutes": round((time.time() - start) / 60, 1),
     }
@@ -141,13 +170,17 @@ def main() -> None:
 Final training loss **{final_pretrain_loss:.3f}** nats/token (mean of the last 10% of logged steps; the first
 epoch's documents are unseen when scored), against **{entropy:.3f}** for the unigram entropy of the same
 tokens: the best a model that ignores context can do. {pretrain_metrics[-1]['tokens']:,} loss-bearing tokens.
+On the held-out documents (every 20th, not trained on): **{summary['pretrain_val_loss']:.3f}** nats/token,
+**{summary['pretrain_val_bpb']:.3f}** bits per byte.
 
 ![pretraining loss](../../images/demo_pretrain_loss.png)
 
 ## SFT
 
 Exact-match accuracy on {after['samples']} held-out questions (`dataset/demo/eval.jsonl`, greedy, chat format):
-**{before['accuracy']:.3f}** after pretraining, **{after['accuracy']:.3f}** after SFT.
+**{before['accuracy']:.3f}** after pretraining, **{after['accuracy']:.3f}** after SFT. Held-out conversations
+(every 20th, not trained on): **{summary['sft_val_loss']:.3f}** nats per assistant token, **{summary['sft_val_bpb']:.3f}**
+bits per byte.
 
 | task | before SFT | after SFT | questions |
 |---|---|---|---|

@@ -19,6 +19,12 @@ def test_quick_pipeline_runs_end_to_end_and_reports(tmp_path):
     assert 6.0 < summary["unigram_entropy"] < 9.0  # of a 6400-token vocabulary: at most ln 6400 = 8.76
     report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert "unigram entropy" in report and "after SFT" in report and "3 加 5 等于多少" in report
+    for stage in ("pretrain", "sft"):  # both curves: validation every 2 steps of the quick run
+        assert 0 < summary[f"{stage}_val_loss"] < 10 and 0 < summary[f"{stage}_val_bpb"] < 10
+        metrics = [json.loads(line) for line in (tmp_path / "out" / f"{'full_sft' if stage == 'sft' else stage}_64"
+                                                 ".metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in metrics if "val_loss" in r] == [2, 4, 6, 8]
+    assert "held-out" in report and "bits per byte" in report
     for name in ("demo_pretrain_loss.png", "demo_sft_loss.png"):
         assert (tmp_path / "images" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "out" / "pretrain_64.pth").exists() and (tmp_path / "out" / "full_sft_64.pth").exists()

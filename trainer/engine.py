@@ -40,6 +40,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 
 from dataset.lm_dataset import PackedBatches, dataset_for_file, pad_rows
 from model import loader
+from model.cli import add_switch
 from model.weights import atomic_save, previous_version, save_weights
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, next_token_nll
 
@@ -73,7 +74,7 @@ def stage_parser(description: str, *, save_weight: str, from_weight: str, learni
                        help="'none' = random init; a name in --save_dir (<name>_<hidden>[_moe].pth), a .pth path, or an HF directory")
     files.add_argument("--tokenizer_path", default="model", help="HF tokenizer directory (default: the bundled one in <repo>/model)")
     files.add_argument("--checkpoint_dir", default="checkpoints", help="resume checkpoints go here (default: <repo>/checkpoints)")
-    loader.add_switch(files, "--from_resume", help="1 = continue from the resume checkpoint if there is one")
+    add_switch(files, "--from_resume", help="1 = continue from the resume checkpoint if there is one")
 
     size = parser.add_argument_group("model size (ignored when the loaded weights carry their config)")
     loader.add_size_args(size)
@@ -97,10 +98,10 @@ def stage_parser(description: str, *, save_weight: str, from_weight: str, learni
     runtime.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                          help="auto = bf16 where the device runs it faster than fp32, else fp16 on CUDA, else fp32")
     runtime.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
-    loader.add_switch(runtime, "--use_compile", help="1 = torch.compile the model")
+    add_switch(runtime, "--use_compile", help="1 = torch.compile the model")
     runtime.add_argument("--log_interval", type=int, default=log_interval, help="log every N optimizer steps")
     runtime.add_argument("--save_interval", type=int, default=save_interval, help="save weights + resume state every N optimizer steps")
-    loader.add_switch(runtime, "--use_wandb", help="1 = log to wandb (or swanlab if wandb is absent); offline without an API key")
+    add_switch(runtime, "--use_wandb", help="1 = log to wandb (or swanlab if wandb is absent); offline without an API key")
     runtime.add_argument("--wandb_project", default="MiniMind")
     runtime.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many consecutive non-finite losses/gradients")
 
@@ -113,7 +114,7 @@ def stage_parser(description: str, *, save_weight: str, from_weight: str, learni
 
 
 def add_packing_flag(parser: argparse.ArgumentParser) -> None:
-    loader.add_switch(parser, "--pack", default=1,
+    add_switch(parser, "--pack", default=1,
                       help="1 = pack several documents into each full row (attention stays within each); "
                            "0 = one padded document per row, as the original")
 

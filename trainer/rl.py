@@ -42,6 +42,7 @@ from dataset.lm_dataset import IGNORE_INDEX, PackedBatches, RLAIFDataset
 from dataset.tasks import extract_answer, is_correct
 from model.chat_format import THINK_CLOSE, THINK_OPEN, final_answer, thinking_well_formed
 from model import loader
+from model.cli import add_switch
 from trainer import engine
 
 
@@ -68,7 +69,7 @@ def add_rl_args(parser: argparse.ArgumentParser, *, ppo_epochs: int) -> None:
                          help="sampling temperature (> 0); log-probs are taken at the same temperature")
     rollout.add_argument("--top_p", type=float, default=1.0,
                          help="nucleus sampling; below 1 the sampled distribution is no longer the one the ratios use")
-    loader.add_switch(rollout, "--open_thinking", "--enable_thinking", default=None,
+    add_switch(rollout, "--open_thinking", "--enable_thinking", default=None,
                       help="passed to the chat template as enable_thinking: 0 = the prompt ends with an empty "
                            "<think> block (default: the template's own choice)")
     update = parser.add_argument_group("policy update")

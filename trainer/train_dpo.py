@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset.lm_dataset import DPODataset, pad_preference_pairs
-from model import loader
+from model.cli import add_switch
 from model.weights import atomic_save
 from trainer import engine
 
@@ -190,13 +190,13 @@ def main() -> None:
     dpo.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference model")
     dpo.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo", "hinge"],
                      help="sigmoid = DPO; ipo = IPO's squared loss (per-token log-ratios); hinge = SLiC")
-    loader.add_switch(dpo, "--length_normalize",
+    add_switch(dpo, "--length_normalize",
                       help="1 = mean instead of sum of the reply's token log-probs (the original MiniMind's choice)")
     dpo.add_argument("--rpo_alpha", type=float, default=0.0,
                      help="weight of the chosen reply's per-token NLL added to the loss (RPO; 0 = plain DPO)")
     dpo.add_argument("--ref_weight", default=None,
                      help="reference model: a name in --save_dir, a .pth path or an HF directory (default: --from_weight)")
-    loader.add_switch(dpo, "--precompute_ref",
+    add_switch(dpo, "--precompute_ref",
                       help="1 = score every pair with the reference once, before training, instead of keeping the "
                            "reference model in memory")
     args = parser.parse_args()
