@@ -70,3 +70,26 @@ def accelerator_name(device: str) -> str | None:
     if device in ("auto", "mps") and torch.backends.mps.is_available():
         return "Apple MPS"
     return None
+
+
+def new_figure():
+    """A matplotlib figure and axes of the size every plot of ours has, drawn without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 4), dpi=120)
+
+
+def save_figure(fig, ax, path: Path, title: str, legend_size: int | None = None) -> None:
+    """Title, grid and legend, then the PNG at `path` (its folder made if needed)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

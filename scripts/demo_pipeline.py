@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from scripts.common import DEMO, REPO, last_json, read_metrics, run
+from scripts.common import DEMO, REPO, last_json, new_figure, read_metrics, run, save_figure
 
 CHAT_PROMPTS = ["3 加 5 等于多少？", "What is 7 plus 2?", "9 和 4 哪个大？", "How many letters are in the word dog?", "你好"]
 
@@ -53,12 +53,7 @@ def split_validation(source: Path, directory: Path, every: int = 20) -> tuple[Pa
 
 def plot_loss(records: list[dict], title: str, path: Path, reference: tuple[float, str] | None = None) -> None:
     """Training loss, and the validation loss where it was measured, against loss-bearing tokens."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    fig, ax = new_figure()
     ax.plot([r["tokens"] / 1e6 for r in records], [r["loss"] for r in records], label="training loss")
     validated = [r for r in records if "val_loss" in r]
     if validated:
@@ -69,13 +64,7 @@ def plot_loss(records: list[dict], title: str, path: Path, reference: tuple[floa
         ax.axhline(reference[0], color="gray", linestyle="--", label=reference[1])
     ax.set_xlabel("loss-bearing tokens (millions)")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, ax, path, title)
 
 
 def main() -> None:

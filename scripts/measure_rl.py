@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from model.weights import read_sidecar
-from scripts.common import DEMO, REPO, accelerator_name, cpu_name, last_json, read_metrics, run
+from scripts.common import (DEMO, REPO, accelerator_name, cpu_name, last_json, new_figure, read_metrics, run,
+                            save_figure)
 
 
 def accuracy(weights: Path, args: argparse.Namespace) -> dict:
@@ -50,11 +51,6 @@ def quarter_means(records: list[dict], key: str) -> tuple[float, float]:
 
 
 def plot_rewards(records: list[dict], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [r["step"] for r in records]
     window = max(1, len(records) // 10)
 
@@ -62,7 +58,7 @@ def plot_rewards(records: list[dict], title: str, path: Path) -> None:
         return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
                 for i in range(len(values))]
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    fig, ax = new_figure()
     for key, label in (("reward", "total reward"), ("reward_answer", "exact answer (0/1)"),
                        ("reward_format", "format (0..1)"), ("reward_length", "length penalty (-1..0)")):
         if key in records[0]:
@@ -72,13 +68,7 @@ def plot_rewards(records: list[dict], title: str, path: Path) -> None:
                 ax.plot(steps, values, color=line.get_color(), alpha=0.25, linewidth=0.8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("mean reward of the step's rollouts")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, ax, path, title, legend_size=8)
 
 
 STAGE_EPOCHS = {"grpo": 5, "ppo": 6, "spo": 6}  # passes over the prompts: each stage samples 64 responses per

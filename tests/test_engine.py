@@ -30,6 +30,17 @@ def batch_with_labels(ids: torch.Tensor, labelled: int) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
+def gradients_of_one_step(trainer: engine.Trainer, model, window: list[dict]) -> dict[str, torch.Tensor]:
+    """The gradients `train_step` hands to the optimizer (normalised, before clipping), by name."""
+    trainer.total_steps = 1
+    trainer.start_logging()
+    captured = {}
+    trainer.optimizer_step = lambda finite: captured.update(
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}) or (False, 0.0)
+    trainer.train_step(window, engine.causal_lm_loss)
+    return captured
+
+
 def test_accumulation_weighs_every_token_equally(tmp_path):
     """Two micro-batches with 4 and 13 loss tokens must give the gradient of the mean over all 17 tokens,
     not the mean of the two micro-batch means."""
@@ -39,12 +50,7 @@ def test_accumulation_weighs_every_token_equally(tmp_path):
     model = tiny_model()
     trainer = engine.Trainer(make_args(tmp_path, "--accumulation_steps", "2", "--grad_clip", "0"), engine.Runtime(
         torch.device("cpu"), torch.float32), model)
-    trainer.total_steps = 1
-    trainer.start_logging()
-    captured = {}
-    trainer.optimizer_step = lambda finite: captured.update(
-        {n: p.grad.clone() for n, p in model.named_parameters()}) or (False, 0.0)
-    trainer.train_step([small, large], engine.causal_lm_loss)
+    captured = gradients_of_one_step(trainer, model, [small, large])
 
     reference = tiny_model()
     total = 0.0
@@ -168,12 +174,7 @@ def test_moe_balance_loss_reaches_the_gradient(tmp_path):
     batch = batch_with_labels(ids, 9)
 
     trainer = engine.Trainer(make_args(tmp_path, "--grad_clip", "0"), engine.Runtime(torch.device("cpu"), torch.float32), model)
-    trainer.total_steps = 1
-    trainer.start_logging()
-    captured = {}
-    trainer.optimizer_step = lambda finite: captured.update(
-        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}) or (False, 0.0)
-    trainer.train_step([batch], engine.causal_lm_loss)
+    captured = gradients_of_one_step(trainer, model, [batch])
 
     out = reference(batch["input_ids"])
     assert float(out.aux_loss) > 0

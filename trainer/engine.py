@@ -913,5 +913,10 @@ def train_language_model(args: argparse.Namespace, dataset_class: type, data_fil
     model = load_model(args, runtime)
     trainer_options = prepare_model(model, runtime) if prepare_model else {}
     dataset = open_dataset(dataset_class, data_path, tokenizer, args.max_seq_len, runtime)
-    trainer = Trainer(args, runtime, model, tokenizer=tokenizer, **trainer_options)
-    train(trainer, lm_batches(args, runtime, dataset), loss_fn)
+    train_on(dataset, args, runtime, model, tokenizer, loss_fn, **trainer_options)
+
+
+def train_on(dataset, args: argparse.Namespace, runtime: Runtime, model: torch.nn.Module, tokenizer,
+             loss_fn: Callable[[torch.nn.Module, dict], LossOutput], **trainer_options: Any) -> None:
+    """A supervised stage's last step: batches of `dataset`, a `Trainer` for `model`, the loop."""
+    train(Trainer(args, runtime, model, tokenizer=tokenizer, **trainer_options), lm_batches(args, runtime, dataset), loss_fn)

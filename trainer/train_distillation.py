@@ -89,8 +89,7 @@ def main() -> None:
                          f"student's ({student.config.vocab_size}): distillation needs one tokenizer")
     dataset = engine.open_dataset(SFTDataset, data_path, tokenizer, args.max_seq_len, runtime)
     step = partial(distillation_step, teacher=teacher_model, temperature=args.temperature, alpha=args.alpha)
-    trainer = engine.Trainer(args, runtime, student, tokenizer=tokenizer)
-    engine.train(trainer, engine.lm_batches(args, runtime, dataset), step)
+    engine.train_on(dataset, args, runtime, student, tokenizer, step)
 
 
 if __name__ == "__main__":

@@ -218,8 +218,7 @@ def main() -> None:
         dataset = PairsWithReference(pairs)
         reference = engine.load_frozen_model(args, runtime, reference_name, "--ref_weight")
     step = partial(preference_step, args=args, reference=reference)
-    trainer = engine.Trainer(args, runtime, policy, tokenizer=tokenizer)
-    engine.train(trainer, engine.lm_batches(args, runtime, dataset), step)
+    engine.train_on(dataset, args, runtime, policy, tokenizer, step)
 
 
 if __name__ == "__main__":
