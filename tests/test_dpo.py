@@ -1,7 +1,6 @@
 """DPO: the loss against TRL's, preferences learned, precomputed reference = live reference, torchrun, resume."""
 
 from argparse import Namespace
-from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
@@ -31,30 +30,47 @@ def per_token_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
     return logps * (targets != -100)
 
 
-def trl_dpo(policy, reference, batch, beta: float, loss_type: str, sft_weight: float = 0.0) -> tuple[float, dict]:
-    """TRL's own DPOTrainer loss code (`_compute_loss`) on the same pairs, with the model calls answered
-    by our models' per-token log-probs and the reference's log-probs passed as precomputed."""
+@pytest.fixture(scope="module")
+def trl_dpo_trainer(tmp_path_factory) -> "trl.DPOTrainer":
+    """A real DPOTrainer (a tiny Qwen2 stands in as its model; reference log-probs precomputed, as our
+    `--precompute_ref 1`). Only its public `compute_loss` and `log` are used: each call answers the model
+    call with our policy and passes our reference's log-probs as the precomputed ones."""
+    from datasets import Dataset
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = load_tokenizer("model")
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    config = trl.DPOConfig(output_dir=str(tmp_path_factory.mktemp("trl_dpo")), per_device_train_batch_size=2,
+                           report_to=[], use_cpu=True, precompute_ref_log_probs=True)
+    pairs = Dataset.from_dict({"prompt": ["a", "b"], "chosen": [" x", " y"], "rejected": [" z", " w"]})
+    trainer = trl.DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer)
+    trainer.model.train()  # TRL logs under "train"
+    return trainer
+
+
+def trl_dpo(trainer, policy, reference, batch, beta: float, loss_type: str, sft_weight: float = 0.0) -> tuple[float, dict]:
+    """TRL's DPOTrainer loss (`compute_loss`) on the same pairs: its model call is answered with our
+    policy's per-token log-probs of the labels TRL builds, the reference's log-probs are passed as
+    precomputed, and the metrics are what `log` reports."""
     input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
     with torch.no_grad():
-        policy_logps = per_token_logps(policy, input_ids, attention_mask, labels)
         ref_chosen, ref_rejected = per_token_logps(reference, input_ids, attention_mask, labels).sum(1).chunk(2)
-    zeros = torch.zeros_like(policy_logps)
 
-    def model(**kwargs):
-        return SimpleNamespace(log_probs=policy_logps, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+    @torch.no_grad()
+    def model(input_ids, attention_mask, labels, **kwargs):
+        log_probs = per_token_logps(policy, input_ids, attention_mask, labels)
+        zeros = torch.zeros_like(log_probs)
+        return SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
 
-    metrics = {"train": defaultdict(list)}
-    trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True), beta=beta, loss_types=[loss_type, "sft"], loss_weights=[1.0, sft_weight],
-        f_divergence_type="reverse_kl", ld_alpha=None, precompute_ref_logps=True, use_weighting=False,
-        aux_loss_enabled=False, label_smoothing=0.0, _metrics=metrics, _total_train_tokens=0, _tp_size=1,
-        accelerator=SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x))
+    trainer.beta, trainer.loss_types, trainer.loss_weights = beta, [loss_type, "sft"], [1.0, sft_weight]
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": (labels != -100).long(),
               "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
-    loss = trl.DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
-    return float(loss), {key: values[0] for key, values in metrics["train"].items()}
+    loss = trainer.compute_loss(model, inputs)
+    trainer.log({})
+    return float(loss), trainer.state.log_history[-1]
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +81,12 @@ def pair_batch(small_data) -> dict:
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
-def test_loss_rewards_and_margins_equal_trl(pair_batch, loss_type):
+def test_loss_rewards_and_margins_equal_trl(trl_dpo_trainer, pair_batch, loss_type):
     policy, reference = tiny_model(0), tiny_model(1).eval()
     args = Namespace(beta=0.5, loss_type=loss_type, length_normalize=0, rpo_alpha=0.0)
     ours = preference_step(policy, pair_batch, args, reference)
-    trl_loss, trl_metrics = trl_dpo(policy, reference, pair_batch, beta=0.5, loss_type=loss_type)
-    assert ours.count == 8 and pair_batch["loss_units"] == 8  # the engine averages per pair
+    trl_loss, trl_metrics = trl_dpo(trl_dpo_trainer, policy, reference, pair_batch, beta=0.5, loss_type=loss_type)
+    assert ours.count == 8  # the engine averages per pair
     assert ours.loss_sum.item() / ours.count == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)
     for ours_key, trl_key in (("reward_chosen", "rewards/chosen"), ("reward_rejected", "rewards/rejected"),
                               ("reward_margin", "rewards/margins"), ("reward_accuracy", "rewards/accuracies")):
@@ -79,22 +95,22 @@ def test_loss_rewards_and_margins_equal_trl(pair_batch, loss_type):
 
 
 @pytest.mark.parametrize("length_normalize", [0, 1])
-def test_rpo_alpha_adds_trl_sft_loss(pair_batch, length_normalize):
+def test_rpo_alpha_adds_trl_sft_loss(trl_dpo_trainer, pair_batch, length_normalize):
     policy, reference = tiny_model(0), tiny_model(1).eval()
     args = Namespace(beta=0.5, loss_type="sigmoid", length_normalize=length_normalize, rpo_alpha=0.7)
     ours = preference_step(policy, pair_batch, args, reference)
-    trl_loss, _ = trl_dpo(policy, reference, pair_batch, beta=0.5,
+    trl_loss, _ = trl_dpo(trl_dpo_trainer, policy, reference, pair_batch, beta=0.5,
                           loss_type="sigmoid_norm" if length_normalize else "sigmoid", sft_weight=0.7)
     plain = preference_step(policy, pair_batch, Namespace(**{**vars(args), "rpo_alpha": 0.0}), reference)
     assert ours.loss_sum.item() / ours.count == pytest.approx(trl_loss, rel=1e-5)
     assert ours.loss_sum.item() - plain.loss_sum.item() == pytest.approx(0.7 * 8 * ours.metrics["chosen_nll"], rel=1e-5)
 
 
-def test_minimind_length_normalisation_is_trl_sigmoid_norm(pair_batch):
+def test_minimind_length_normalisation_is_trl_sigmoid_norm(trl_dpo_trainer, pair_batch):
     policy, reference = tiny_model(0), tiny_model(1).eval()
     ours = preference_step(policy, pair_batch, Namespace(beta=0.5, loss_type="sigmoid", length_normalize=1, rpo_alpha=0.0),
                            reference)
-    trl_loss, _ = trl_dpo(policy, reference, pair_batch, beta=0.5, loss_type="sigmoid_norm")
+    trl_loss, _ = trl_dpo(trl_dpo_trainer, policy, reference, pair_batch, beta=0.5, loss_type="sigmoid_norm")
     assert ours.loss_sum.item() / ours.count == pytest.approx(trl_loss, rel=1e-5)
 
 

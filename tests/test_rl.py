@@ -79,7 +79,7 @@ def test_gae_matches_a_plain_reverse_loop():
 
 @pytest.fixture(scope="module")
 def trl_grpo_trainer(tokenizer, tmp_path_factory):
-    """TRL's GRPOTrainer on a tiny model: only its loss computation (`_compute_loss`) is used."""
+    """TRL's GRPOTrainer on a tiny model: only its public loss computation (`compute_loss`) is used."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -126,13 +126,19 @@ def test_grpo_loss_matches_trl(trl_grpo_trainer, loss_type):
     trainer = trl_grpo_trainer
     trainer.loss_type, trainer.beta, trainer.epsilon_low = "dapo" if loss_type == "grpo" else "cispo", beta, epsilon
     trainer.epsilon_high = epsilon_high if loss_type == "grpo" else 1 + epsilon_high  # TRL's CISPO cap is the weight itself
-    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (
-        rl.response_log_probs(logits, batch, 1.0), torch.zeros(rows, response_length), None)
+
+    def policy(input_ids, attention_mask, labels, **kwargs):
+        """The model call TRL makes, answered as its fused LM head does: per-token log-probs of the labels
+        TRL builds (and entropies), of which TRL keeps the completion's."""
+        completion = rl.response_log_probs(logits, {"response_mask": response_mask, "labels": labels}, 1.0)
+        log_probs = torch.cat([torch.zeros(rows, prompt_length), completion], 1)
+        return SimpleNamespace(log_probs=log_probs, entropy=torch.zeros_like(log_probs))
+
     inputs = {"prompt_ids": input_ids[:, :prompt_length], "prompt_mask": torch.ones(rows, prompt_length, dtype=torch.long),
               "completion_ids": input_ids[:, prompt_length:], "completion_mask": response_mask.long(),
               "advantages": batch["advantages"], "old_per_token_logps": batch["old_log_probs"],
               "ref_per_token_logps": batch["ref_log_probs"], "num_items_in_batch": response_mask.sum()}
-    theirs = trainer._compute_loss(trainer.model, inputs)
+    theirs = trainer.compute_loss(policy, inputs)
     theirs_grad, = torch.autograd.grad(theirs, logits)
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
     assert torch.allclose(ours_grad, theirs_grad, atol=1e-7)
