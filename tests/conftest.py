@@ -144,3 +144,20 @@ def save_tiny_qwen2(directory: Path) -> Path:
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory) -> Path:
     return save_tiny_qwen2(tmp_path_factory.mktemp("qwen2"))
+
+
+def left_padded_rollout(prompts: list[list[int]], responses: list[list[int]]):
+    """A `trainer.rl.Rollout` as `rl.sample` returns it: left-padded prompts (pad id 0), then each
+    response, padding after its end; finished where the response ends in <|im_end|> (id 2)."""
+    from trainer.rl import Rollout
+
+    prompt_length, response_length = max(map(len, prompts)), max(map(len, responses))
+    input_ids = torch.full((len(prompts), prompt_length + response_length), 0)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        input_ids[row, prompt_length - len(prompt):prompt_length] = torch.tensor(prompt)
+        input_ids[row, prompt_length:prompt_length + len(response)] = torch.tensor(response)
+        attention_mask[row, prompt_length - len(prompt):prompt_length + len(response)] = 1
+    return Rollout(input_ids, attention_mask, attention_mask[:, prompt_length:].float(),
+                      torch.tensor([r[-1] == 2 for r in responses]), [""] * len(prompts), [""] * len(prompts),
+                      [""] * len(prompts))

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import left_padded_rollout, torchrun
 from dataset.lm_dataset import RLAIFDataset
 from model.loader import load_tokenizer
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
@@ -172,16 +172,7 @@ def test_log_probs_of_a_left_padded_batch_equal_each_row_alone():
     model = tiny_policy()
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]
     responses = [[20, 21, 22, EOS], [23, 24, 25, 26, 27, 28], [29, EOS]]  # the second was cut off
-    prompt_length, response_length = max(map(len, prompts)), max(map(len, responses))
-    input_ids = torch.full((3, prompt_length + response_length), PAD)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        input_ids[row, prompt_length - len(prompt):prompt_length] = torch.tensor(prompt)
-        input_ids[row, prompt_length:prompt_length + len(response)] = torch.tensor(response)
-        attention_mask[row, prompt_length - len(prompt):prompt_length + len(response)] = 1
-    response_mask = attention_mask[:, prompt_length:].float()
-    batch = rl.rollout_batch(rl.Rollout(input_ids, attention_mask, response_mask, torch.ones(3, dtype=torch.bool),
-                                        [""] * 3, [""] * 3, [""] * 3))
+    batch = rl.rollout_batch(left_padded_rollout(prompts, responses))
     with torch.no_grad():
         log_probs = rl.response_log_probs(rl.forward(model, batch).logits, batch, temperature=0.7)
         for row, (prompt, response) in enumerate(zip(prompts, responses)):
@@ -345,19 +336,9 @@ def test_trainer_resumes_exactly_after_kill(stage, prompts_file, reward_model_di
             assert abs(resumed[step][key] - record[key]) <= 1e-5, f"step {step} {key}: {resumed[step][key]} vs {record[key]}"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.parametrize("stage", ["ppo", "grpo", "spo"])
 def test_trainer_under_torchrun_keeps_processes_in_sync(stage, prompts_file, reward_model_dir, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(free_port()), str(REPO / "trainer" / STAGES[stage][0]),
-                             *rl_flags(tmp_path, prompts_file, reward_model_dir, stage, "--max_steps", "2")],
-                            capture_output=True, text=True, timeout=600, env=ONE_THREAD, cwd="/")
-    assert result.returncode == 0, result.stdout + result.stderr
+    torchrun(STAGES[stage][0], rl_flags(tmp_path, prompts_file, reward_model_dir, stage, "--max_steps", "2"))
     stem = STAGES[stage][1]
     rank0 = torch.load(tmp_path / "ckpt" / f"{stem}_resume.pth", weights_only=False)
     rank1 = torch.load(tmp_path / "ckpt" / f"{stem}_resume_rank1.pth", weights_only=False)

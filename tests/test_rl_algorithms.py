@@ -8,26 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import left_padded_rollout
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from trainer import rl
 from trainer.train_ppo import ActorCritic, kl_shaped_rewards, ppo_loss
 from trainer.train_spo import ValueTracker
 
-PAD, EOS = 0, 2
-
-
-def left_padded_rollout(prompts: list[list[int]], responses: list[list[int]]) -> rl.Rollout:
-    """What `rl.sample` returns: left-padded prompts, then each response, padding after its end."""
-    prompt_length, response_length = max(map(len, prompts)), max(map(len, responses))
-    input_ids = torch.full((len(prompts), prompt_length + response_length), PAD)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        input_ids[row, prompt_length - len(prompt):prompt_length] = torch.tensor(prompt)
-        input_ids[row, prompt_length:prompt_length + len(response)] = torch.tensor(response)
-        attention_mask[row, prompt_length - len(prompt):prompt_length + len(response)] = 1
-    return rl.Rollout(input_ids, attention_mask, attention_mask[:, prompt_length:].float(),
-                      torch.tensor([r[-1] == EOS for r in responses]), [""] * len(prompts), [""] * len(prompts),
-                      [""] * len(prompts))
+EOS = 2
 
 
 def test_ppo_loss_matches_the_docstring_formulas():
