@@ -163,11 +163,14 @@ def test_train_lora_saves_only_the_adapter_and_leaves_the_base_alone(trained, ba
 
 
 def test_save_lora_writes_the_trainers_adapter_files_byte_for_byte(trained, base_weights, tmp_path):
-    """An adapter the trainer wrote, loaded and saved again with `save_lora`, gives the same two files."""
+    """An adapter the trainer wrote, loaded and saved again with `save_lora` (and the trainer's record of
+    how it was trained, which its sidecar carries), gives the same two files."""
     adapter = trained / "out" / "lora" / "lora_identity_64.pth"
     model = load_pth(base_weights, MiniMindConfig(**PRESETS["tiny"]))
     load_lora(model, adapter)
-    save_lora(model, tmp_path / "again.pth")
+    record = json.loads(adapter.with_suffix(".json").read_text())["train_args"]
+    assert record["script"] == "train_lora.py" and record["flags"]["lora_rank"] == 8
+    save_lora(model, tmp_path / "again.pth", {"train_args": record})
     assert (tmp_path / "again.pth").read_bytes() == adapter.read_bytes()
     assert (tmp_path / "again.json").read_bytes() == adapter.with_suffix(".json").read_bytes()
 
