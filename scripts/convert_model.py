@@ -53,9 +53,9 @@ from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, Pretr
                           Qwen3Config, Qwen3ForCausalLM)
 
 from model import loader
-from scripts import gguf_export
 from model.model_lora import read_lora, write_peft
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+from scripts import gguf_export
 
 TARGETS = ("hf", "llama", "qwen3", "pth", "peft", "gguf")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
