@@ -7,6 +7,7 @@
     python scripts/convert_model.py MiniMind2.pth hf/MiniMind2 --preset minimind2        # a .pth without sidecar
     python scripts/convert_model.py out/full_sft_512.pth out/identity_512.pth --to pth --merge_lora lora_identity
     python scripts/convert_model.py out/lora/lora_identity_512.pth hf/lora_identity --to peft  # a LoRA adapter for PEFT
+    python scripts/convert_model.py out/full_sft_512.pth gguf/minimind.gguf --to gguf --outtype q8_0 --ollama 1
 
 The source is a `.pth` (its config from the `<stem>.json` sidecar, else from --preset or the size
 flags) or an HF directory: ours, a released MiniMind2 / minimind-3 one, or a Llama / Qwen3 one this
@@ -20,6 +21,10 @@ script wrote. `--to` picks what is written; it defaults to `hf` for a `.pth` and
   know those architectures (vLLM, llama.cpp's converter, ...) load these without remote code. The
   state-dict names are already Llama's / Qwen3's, so only the config is translated; YaRN
   (`inference_rope_scaling`) becomes `rope_parameters = {"rope_type": "yarn", ...}`.
+* `gguf`: one file for llama.cpp and ollama (scripts/gguf_export.py says how our layouts map onto
+  llama.cpp's `llama`, `qwen3` and `qwen3moe`), its matrices stored as `--outtype` f32, f16, bf16,
+  q8_0 or q4_0, with the tokenizer and chat template inside. `--ollama 1` also writes a `Modelfile`
+  beside it (`ollama create minimind -f Modelfile`), with `--system_prompt` as its SYSTEM.
 * `pth`: the trainers' format, a state dict plus the config as `<stem>.json`.
 * `peft`: the source is a LoRA adapter (`out/lora/<name>_<hidden>.pth` from trainer/train_lora.py, or
   the original's), written as PEFT's `adapter_config.json` + `adapter_model.safetensors`, for
@@ -48,11 +53,13 @@ from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, Pretr
                           Qwen3Config, Qwen3ForCausalLM)
 
 from model import loader
+from model.cli import add_switch
 from model.model_lora import read_lora, write_peft
-from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from model.weights import sidecar_path, write_weights
+from scripts import gguf_export
 
-TARGETS = ("hf", "llama", "qwen3", "pth", "peft")
+TARGETS = ("hf", "llama", "qwen3", "pth", "peft", "gguf")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 # Sampling defaults written into generation_config.json: those of eval_llm.py and the web demo.
 SAMPLING = dict(do_sample=True, temperature=0.85, top_p=0.85, max_new_tokens=512)
@@ -227,6 +234,24 @@ def convert(source: Path, output: Path, target: str | None = None, dtype: str = 
     return sorted(p for p in output.iterdir() if p.is_file())
 
 
+def convert_to_gguf(source: Path, output: Path, outtype: str = "f16", *, fallback: MiniMindConfig | None = None,
+                    inference_rope_scaling: bool = False, tokenizer_path: str | None = None,
+                    merge_lora: str | None = None, ollama: bool = False, system_prompt: str | None = None) -> list[Path]:
+    """`source` as the GGUF file `output`, plus a `Modelfile` beside it with `ollama`; returns the files written."""
+    if output.suffix != ".gguf":
+        raise ValueError(f"--to gguf writes a .gguf file, not {output}")
+    model, _ = read_source(source, fallback or MiniMindConfig(), inference_rope_scaling)
+    if merge_lora:
+        model = loader.merge_lora_weight(model, merge_lora)
+    tokenizer = loader.load_tokenizer(tokenizer_path, source if source.is_dir() else None)
+    gguf_export.write_gguf(model, tokenizer, output, outtype)
+    if not ollama:
+        return [output]
+    modelfile = output.with_name("Modelfile")
+    modelfile.write_text(gguf_export.ollama_modelfile(output.name, system_prompt), encoding="utf-8")
+    return [output, modelfile]
+
+
 def human_size(size: float) -> str:
     for unit in ("B", "KiB", "MiB"):
         if size < 1024:
@@ -249,13 +274,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="precision of the written weights; auto = as stored in the source, i.e. lossless (default)")
     parser.add_argument("--tokenizer_path", default=None, help="HF tokenizer directory to bundle (default: <repo>/model)")
-    parser.add_argument("--inference_rope_scaling", action="store_true",
-                        help="turn YaRN on in the written config (16x the trained context)")
+    add_switch(parser, "--inference_rope_scaling", help="1 = turn YaRN on in the written config (16x the trained context)")
+    gguf_group = parser.add_argument_group("--to gguf")
+    gguf_group.add_argument("--outtype", choices=sorted(gguf_export.OUTTYPES), default="f16",
+                            help="storage of the GGUF's matrices (norms stay f32)")
+    add_switch(gguf_group, "--ollama", help="1 = also write an ollama Modelfile")
+    gguf_group.add_argument("--system_prompt", default=None, help="the Modelfile's SYSTEM (default: none, so our "
+                                                                   "template's own default system prompt)")
     size = parser.add_argument_group("size of a .pth without .json sidecar (the original's releases)")
-    size.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a named size; overrides the flags below")
-    size.add_argument("--hidden_size", type=int, default=512)
-    size.add_argument("--num_hidden_layers", type=int, default=8)
-    size.add_argument("--use_moe", type=int, default=0, choices=[0, 1])
+    loader.add_size_args(size)
     return parser.parse_args(argv)
 
 
@@ -264,11 +291,17 @@ def main(argv: list[str] | None = None) -> None:
     source, output = loader.resolve_path(args.source), loader.resolve_path(args.output)
     if not source.exists():
         sys.exit(f"error: {args.source}: {source} not found")
-    fallback = loader.size_config(args.hidden_size, args.num_hidden_layers, bool(args.use_moe), args.preset)
+    fallback = loader.size_from_args(args)
     try:
-        files = convert(source, output, args.to, args.dtype, fallback=fallback,
-                        inference_rope_scaling=args.inference_rope_scaling, tokenizer_path=args.tokenizer_path,
-                        merge_lora=args.merge_lora)
+        if args.to == "gguf":
+            files = convert_to_gguf(source, output, args.outtype, fallback=fallback,
+                                    inference_rope_scaling=bool(args.inference_rope_scaling),
+                                    tokenizer_path=args.tokenizer_path, merge_lora=args.merge_lora,
+                                    ollama=bool(args.ollama), system_prompt=args.system_prompt)
+        else:
+            files = convert(source, output, args.to, args.dtype, fallback=fallback,
+                            inference_rope_scaling=bool(args.inference_rope_scaling), tokenizer_path=args.tokenizer_path,
+                            merge_lora=args.merge_lora)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     print(f"converted {source} -> {output}")

@@ -1,0 +1,238 @@
+"""scripts/convert_model.py --to gguf: llama.cpp runs the file as we run the model.
+
+The reference is llama.cpp itself, through llama-cpp-python (requirements-test.txt builds it from
+source): its logits at every position, its tokenizer, its greedy decoding of quantised files, and its
+chat completion rendering with the template stored in the GGUF.
+"""
+
+import ctypes
+import json
+from contextlib import contextmanager
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+from llama_cpp import GGML_TYPE_F32, Llama
+from transformers import AutoTokenizer
+
+from model.loader import BUNDLED_TOKENIZER
+from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+from scripts.convert_model import main as convert
+from test_convert_model import save_pth
+from test_model import make_model
+
+DEMO_CORPUS = Path(__file__).resolve().parents[1] / "dataset" / "demo" / "pretrain.jsonl"
+
+MINIMIND3 = dict(head_dim=24, intermediate_size=160, rms_norm_eps=1e-6, qk_norm=True)  # head_dim != 64 / 4
+# Overrides of the tiny preset (hidden 64, 2 layers), and the llama.cpp architecture each becomes.
+LAYOUTS = {
+    "minimind2": ({}, "llama"),
+    "minimind3": (MINIMIND3, "qwen3"),
+    "minimind3-moe": (dict(MINIMIND3, use_moe=True, num_experts_per_tok=1, n_shared_experts=0, seq_aux=False),
+                      "qwen3moe"),
+    "moe-without-shared-expert": (dict(use_moe=True, n_shared_experts=0), "llama"),
+}
+PROMPTS = {
+    "chinese": "人工智能是计算机科学的一个分支，它试图理解智能的本质。",
+    "english": "The quick brown fox jumps over the lazy dog, then takes a long nap.",
+    "code": "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "digits": "3.14159 12345, 2024-06-01; 100% (x=42)!",
+    "chatml": "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n"
+              "<|im_start|>assistant\n",
+}
+
+
+# llama.cpp options for logit parity: keep the logits of every position, and a KV cache in F32 (not f16).
+EVERY_LOGIT_F32_CACHE = dict(logits_all=True, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER))
+
+
+def nontrivial_model(**overrides) -> MiniMindForCausalLM:
+    """Random weights at the scale of a trained model's, not the default init's (whose logits stay within
+    ±1, where any tolerance passes): unit-std embeddings and router, so logits move by whole units and
+    experts are chosen decisively; matrices of unit gain, so every layer changes the result (dropping
+    RoPE moves these logits by ~10); random norm weights, so a misplaced norm cannot hide behind all-ones."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(**{**PRESETS["tiny"], **overrides})).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            elif name.endswith(("embed_tokens.weight", "mlp.gate.weight")):
+                param.normal_(0.0, 1.0)
+            else:
+                param.normal_(0.0, param.shape[1] ** -0.5)
+    return model
+
+
+def export(model: MiniMindForCausalLM, directory: Path, outtype: str, *flags: str) -> Path:
+    """The model as users convert it: a trainer's .pth (+ sidecar) through the command line."""
+    gguf_file = directory / f"model-{outtype}.gguf"
+    convert([str(save_pth(model, directory / "model.pth")), str(gguf_file), "--to", "gguf", "--outtype", outtype,
+             *flags])
+    return gguf_file
+
+
+@contextmanager
+def llama_cpp_session(gguf_file: Path, **options) -> Iterator[Llama]:
+    llm = Llama(str(gguf_file), n_ctx=512, n_threads=2, verbose=False, **options)
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+def llama_cpp_text(llm: Llama, ids: list[int]) -> str:
+    """The text llama.cpp streams for `ids`: each token's piece (llama_token_to_piece), joined. This avoids two
+    quirks that are not the GGUF's: llama-cpp-python's `detokenize` reads each piece into 32 bytes and drops our
+    two longer tokens (3704 is the 33 bytes of "你是一个乐于助人的助手"), and llama_detokenize of a whole
+    sequence deletes spaces before punctuation for pre-tokenizer gpt-2 (no GGUF key turns that off)."""
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    piece = ctypes.create_string_buffer(256)
+    text = b""
+    for token in ids:
+        length = llama_cpp.llama_token_to_piece(vocab, token, piece, len(piece), 0, True)
+        text += piece.raw[:length]
+    return text.decode()
+
+
+def llama_cpp_logits(llm: Llama, ids: list[int]) -> np.ndarray:
+    """Next-token logits at every position of `ids`, (len(ids), vocab)."""
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)])
+
+
+def our_logits(model: MiniMindForCausalLM, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def max_logit_diff(llm: Llama, model: MiniMindForCausalLM, ids: list[int]) -> float:
+    ours = our_logits(model, ids)
+    assert ours.std() > 1, "logits this flat would pass any tolerance"
+    return float(np.abs(llama_cpp_logits(llm, ids) - ours).max())
+
+
+@pytest.mark.parametrize("layout, outtype, tolerance", [
+    ("minimind2", "f32", 2e-3), ("minimind2", "f16", 5e-2), ("minimind3", "f32", 2e-3), ("minimind3", "f16", 5e-2),
+    ("minimind3-moe", "f32", 2e-3), ("moe-without-shared-expert", "f32", 2e-3)])
+def test_logits_match_at_every_position(tmp_path, tokenizer, layout, outtype, tolerance):
+    overrides, architecture = LAYOUTS[layout]
+    model = nontrivial_model(**overrides)
+    with llama_cpp_session(export(model, tmp_path, outtype), **EVERY_LOGIT_F32_CACHE) as llm:
+        assert llm.metadata["general.architecture"] == architecture
+        for name, prompt in PROMPTS.items():
+            ids = tokenizer.encode(prompt)
+            assert len(ids) >= 2  # position 0 is not rotated: it cannot show a RoPE mistake
+            diff = max_logit_diff(llm, model, ids)
+            print(f"{layout} {outtype} {name}: {len(ids)} positions, max |logit diff| {diff:.2e}")
+            assert diff <= tolerance, f"{name}: {diff}"
+
+
+def test_yarn_written_as_llama_cpp_rope_scaling(tmp_path, tokenizer):
+    """YaRN stretches the slow rotary pairs at every position, so 300 positions of text show whether
+    llama.cpp stretches them as we do (and whether its magnitude correction was cancelled)."""
+    model = nontrivial_model(inference_rope_scaling=True, max_position_embeddings=32768)
+    plain = nontrivial_model(max_position_embeddings=32768)
+    with open(DEMO_CORPUS, encoding="utf-8") as corpus:
+        ids = tokenizer.encode("".join(json.loads(line)["text"] for line in islice(corpus, 20)))[:300]
+    with llama_cpp_session(export(model, tmp_path, "f32"), **EVERY_LOGIT_F32_CACHE) as llm:
+        assert llm.metadata["llama.rope.scaling.type"] == "yarn"
+        diff = max_logit_diff(llm, model, ids)
+    print(f"yarn f32: {len(ids)} positions, max |logit diff| {diff:.2e}")
+    assert diff <= 2e-3
+    assert np.abs(our_logits(model, ids) - our_logits(plain, ids)).max() > 1, "YaRN must change these logits"
+
+
+def test_tokenisation_matches(tmp_path, tokenizer):
+    """llama.cpp's tokenizer gives our ids (and decodes them back to the text) for the prompts and the
+    first 200 lines of the demo corpus; the issue's example: qwen2's pre-tokenizer splits it differently."""
+    with open(DEMO_CORPUS, encoding="utf-8") as corpus:
+        texts = [*PROMPTS.values(), "3.14159 12345", *(json.loads(line)["text"] for line in islice(corpus, 200))]
+    with llama_cpp_session(export(make_model(), tmp_path, "f16"), vocab_only=True) as llm:
+        for text in texts:
+            ids = tokenizer.encode(text)
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text[:60]
+            assert llama_cpp_text(llm, ids) == text, text[:60]
+
+
+GREEDY_TEXTS = [
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。春眠不觉晓，处处闻啼鸟。",
+    "To be, or not to be, that is the question: whether it is nobler in the mind to suffer.",
+    "for i in range(10):\n    if i % 2 == 0:\n        print(i, 'is even')\n    else:\n        print(i)\n",
+]
+
+
+def memorising_model(tokenizer) -> MiniMindForCausalLM:
+    """The tiny model after learning GREEDY_TEXTS by heart. Its next token is clear-cut, as a trained model's
+    is, so greedy decoding tests whether quantisation kept the model, not how near-ties of random logits break."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(**PRESETS["tiny"]))
+    batch = tokenizer(GREEDY_TEXTS, padding=True, return_tensors="pt")
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        model(batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_greedy_decoding_of_quantised_files(tmp_path, tokenizer):
+    model = memorising_model(tokenizer)
+    q8_0, q4_0 = export(model, tmp_path, "q8_0"), export(model, tmp_path, "q4_0")
+    prompts = [tokenizer.encode(text)[:4] for text in GREEDY_TEXTS]
+    with llama_cpp_session(q8_0) as llm:
+        for prompt in prompts:
+            ours = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):].tolist()
+            theirs = list(islice(llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True), 16))
+            print(f"q8_0 greedy: {sum(a == b for a, b in zip(ours, theirs))}/16 tokens agree")
+            assert theirs == ours, tokenizer.decode(prompt)
+    with llama_cpp_session(q4_0) as llm:
+        completion = llm.create_completion(tokenizer.decode(prompts[0]), max_tokens=16, temperature=0.0)
+        assert completion["usage"]["completion_tokens"] > 0 and completion["choices"][0]["text"]
+
+
+def test_chat_completion_renders_our_template(tmp_path, tokenizer):
+    """llama-cpp-python's chat completion, with the template stored in the GGUF, prompts the model with
+    exactly the text (and the ids) our template gives."""
+    messages = [{"role": "system", "content": "你是一个乐于助人的助手。"}, {"role": "user", "content": "1+1等于几？"},
+                {"role": "assistant", "content": "1+1=2。"}, {"role": "user", "content": "那2+2呢？"}]
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    with llama_cpp_session(export(make_model(), tmp_path, "f16")) as llm:
+        assert llm.chat_format == "chat_template.default"  # the GGUF's own template, not a built-in format
+        reply = llm.create_chat_completion(messages, max_tokens=1, temperature=0.0)
+        prompt = llm.input_ids[:reply["usage"]["prompt_tokens"]].tolist()
+        assert llama_cpp_text(llm, prompt) == expected
+    assert prompt == tokenizer.encode(expected)
+
+
+@pytest.mark.parametrize("overrides, outtype, reason", [
+    (dict(use_moe=True), "f16", "shared expert"),  # MiniMind2-MoE
+    (dict(use_moe=True, n_shared_experts=0, norm_topk_prob=False), "f16", "norm_topk_prob=False"),
+    (dict(hidden_size=80), "q8_0", "blocks of 32"),
+])
+def test_refusals_leave_no_file(tmp_path, overrides, outtype, reason):
+    with pytest.raises(SystemExit) as stopped:  # sys.exit("error: ...") exits with status 1
+        export(make_model(**overrides), tmp_path, outtype)
+    assert reason in str(stopped.value.code)
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_ollama_modelfile(tmp_path):
+    gguf_file = export(make_model(), tmp_path, "q8_0", "--ollama", "1", "--system_prompt", "你是MiniMind。")
+    modelfile = (tmp_path / "Modelfile").read_text(encoding="utf-8")
+    assert modelfile.startswith(f"FROM ./{gguf_file.name}\n")
+    for line in ('PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|im_start|>"', 'SYSTEM """你是MiniMind。"""'):
+        assert line in modelfile.splitlines()
+    template = modelfile.split('TEMPLATE """')[1].split('"""')[0]
+    assert template.endswith("<|im_start|>assistant\n") and "You are a helpful assistant" in template
