@@ -37,6 +37,7 @@ from tqdm import tqdm
 from model.chat_format import render_prompt, start_messages
 from model.loader import add_model_args, add_switch, context_length, describe, load_from_args
 
+REPO = Path(__file__).resolve().parents[1]
 LETTERS = ("A", "B", "C", "D")
 CHANCE = 1 / len(LETTERS)
 MAX_SHOTS = 5  # both benchmarks ship five dev questions per subject
@@ -427,6 +428,26 @@ def evaluate(model, tokenizer, benchmark_name: str, data_dir: str | Path, *, spl
 # lm-evaluation-harness
 # ---------------------------------------------------------------------------------------------
 
+# Beside the generated YAML: lm-eval resolves `!function minimind_csv.load` to this file's `load`.
+LM_EVAL_READER = f'''"""Written by scripts/eval_benchmark.py: lm-eval reads the local CSVs as MiniMind's runner does."""
+import sys
+
+sys.path.insert(0, {str(REPO)!r})
+from scripts.eval_benchmark import lm_eval_dataset as load  # noqa: E402
+'''
+
+
+def lm_eval_dataset(data_files: dict[str, str], **metadata) -> "datasets.DatasetDict":
+    """The CSVs as lm-eval's dataset, every cell a string as `read_questions` reads them: the `csv`
+    loader of `datasets` would turn an all-number option column into integers ("05" -> 5) and "NA"
+    into a missing value, and it has no option to keep them as text."""
+    import datasets
+
+    return datasets.DatasetDict({
+        split: datasets.Dataset.from_pandas(pd.read_csv(path, dtype=str, keep_default_na=False), preserve_index=False)
+        for split, path in data_files.items()})
+
+
 def lm_eval_task_name(benchmark: Benchmark, split: str, subject: str) -> str:
     return f"minimind_{benchmark.name}_{split}_{subject}"
 
@@ -448,10 +469,9 @@ def write_lm_eval_tasks(benchmark_name: str, data_dir: str | Path, split: str, s
         task = lm_eval_task_name(benchmark, split, subject)
         config = {
             "task": task,
-            "dataset_path": "csv",
+            "dataset_path": str(data_dir),
             "dataset_kwargs": {"data_files": {"eval": str(benchmark.csv_path(data_dir, split, subject)),
-                                              "dev": str(benchmark.csv_path(data_dir, "dev", subject))},
-                               "dtype": "str", "keep_default_na": False},
+                                              "dev": str(benchmark.csv_path(data_dir, "dev", subject))}},
             "test_split": "eval",
             "fewshot_split": "dev",
             "fewshot_config": {"sampler": "first_n"},
@@ -464,11 +484,13 @@ def write_lm_eval_tasks(benchmark_name: str, data_dir: str | Path, split: str, s
             "fewshot_delimiter": "\n\n",
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         }
-        (out_dir / f"{task}.yaml").write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        text = yaml.safe_dump(config, allow_unicode=True, sort_keys=False) + "custom_dataset: !function minimind_csv.load\n"
+        (out_dir / f"{task}.yaml").write_text(text, encoding="utf-8")
         tasks.append(task)
     group = {"group": f"minimind_{benchmark.name}_{split}", "task": tasks,
              "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}]}
     (out_dir / f"minimind_{benchmark.name}_{split}.yaml").write_text(yaml.safe_dump(group, sort_keys=False), encoding="utf-8")
+    (out_dir / "minimind_csv.py").write_text(LM_EVAL_READER, encoding="utf-8")
     return tasks
 
 
@@ -557,7 +579,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="only write lm-eval YAML tasks for --data_dir into DIR, print how to run them, and exit")
     args = parser.parse_args(argv)
     if args.data_dir is None:
-        args.data_dir = str(Path(__file__).resolve().parents[1] / "dataset" / "demo" / args.benchmark)
+        args.data_dir = str(REPO / "dataset" / "demo" / args.benchmark)
     return args
 
 
