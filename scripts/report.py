@@ -132,23 +132,24 @@ def environment() -> dict[str, str]:
 # Evaluations, run as a user types them
 # ---------------------------------------------------------------------------------------------
 
-def evaluation_commands(weights: Path, device: str) -> dict[str, list[str]]:
-    """Each evaluation of one weight file; every command writes its results with predictions to `--eval_out`."""
+def evaluation_commands(weights: Path, device: str, limit: int = 0) -> dict[str, list[str]]:
+    """Each evaluation of one weight file; every command writes its results with predictions to
+    `--eval_out`. `limit` > 0 keeps the first `limit` questions of each file (a quick look, wider intervals)."""
     model = ["--load_from", str(weights), "--device", device]
-    bench = [sys.executable, "scripts/eval_benchmark.py", *model]
+    bench = [sys.executable, "scripts/eval_benchmark.py", *model, "--limit", str(limit)]
     return {
         "exact_match": [sys.executable, "eval_llm.py", *model, "--eval_file", str(DEMO / "eval.jsonl"),
-                        "--max_new_tokens", "16", "--batch_size", "50"],
+                        "--max_new_tokens", "16", "--batch_size", "50", "--max_samples", str(limit)],
         "ceval": [*bench, "--benchmark", "ceval", "--data_dir", str(DEMO / "ceval")],
         "cmmlu": [*bench, "--benchmark", "cmmlu", "--data_dir", str(DEMO / "cmmlu")],
         "perplexity": [sys.executable, "eval_llm.py", *model, "--ppl_file", str(HELD_OUT_TEXT), "--max_seq_len", "512"],
     }
 
 
-def evaluate_stage(weights: Path, device: str) -> dict[str, dict]:
+def evaluate_stage(weights: Path, device: str, limit: int = 0) -> dict[str, dict]:
     """Every evaluation of `weights`, from `<stem>.<name>.json` when it is newer than the weights."""
     results = {}
-    for name, command in evaluation_commands(weights, device).items():
+    for name, command in evaluation_commands(weights, device, limit).items():
         saved = weights.with_name(f"{weights.stem}.{name}.json")
         if not saved.exists() or saved.stat().st_mtime < weights.stat().st_mtime:
             run([*command, "--eval_out", str(saved)])
@@ -208,7 +209,7 @@ def render(env: dict, sizes: dict, compression: float, costs: dict[str, dict], e
 
 
 def write_report(out_dir: str | Path, report: str | Path | None = None, *, device: str = "auto",
-                 hidden_size: int | None = None, tokenizer_path: str | None = None) -> Path:
+                 hidden_size: int | None = None, tokenizer_path: str | None = None, limit: int = 0) -> Path:
     """Evaluate every stage found in `out_dir` and write the report card (default `<out_dir>/report.md`)."""
     out_dir = Path(out_dir).resolve()
     weights = find_stage_weights(out_dir, hidden_size)
@@ -217,7 +218,7 @@ def write_report(out_dir: str | Path, report: str | Path | None = None, *, devic
                                 f"_<hidden>.pth) in {out_dir}")
     peak = peak_matmul_flops(torch.float32, torch.device("cpu"))
     costs = {column: stage_costs(path, peak) for column, path in weights.items()}
-    evaluations = {column: evaluate_stage(path, device) for column, path in weights.items()}
+    evaluations = {column: evaluate_stage(path, device, limit) for column, path in weights.items()}
     pairs = []
     columns = list(weights)
     for before, after in zip(columns, columns[1:]):
@@ -240,10 +241,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden_size", type=int, default=None, help="only weights of this width (default: the newest of each stage)")
     parser.add_argument("--tokenizer_path", default=None, help="for the compression figure (default: the bundled tokenizer)")
     parser.add_argument("--device", default="auto", help="where the evaluations run (default: auto)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="only the first N questions of each evaluation file (0 = all): quicker, wider intervals")
     args = parser.parse_args(argv)
     try:
         path = write_report(args.out_dir, args.report, device=args.device, hidden_size=args.hidden_size,
-                            tokenizer_path=args.tokenizer_path)
+                            tokenizer_path=args.tokenizer_path, limit=args.limit)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {error}")
     print(f"report: {path}")
