@@ -147,10 +147,10 @@ def evaluation_commands(weights: Path, device: str, limit: int = 0) -> dict[str,
 
 
 def evaluate_stage(weights: Path, device: str, limit: int = 0) -> dict[str, dict]:
-    """Every evaluation of `weights`, from `<stem>.<name>.json` when it is newer than the weights."""
+    """Every evaluation of `weights`, from `<stem>.<name>[.first<limit>].json` when it is newer than the weights."""
     results = {}
     for name, command in evaluation_commands(weights, device, limit).items():
-        saved = weights.with_name(f"{weights.stem}.{name}.json")
+        saved = weights.with_name(f"{weights.stem}.{name}{f'.first{limit}' if limit else ''}.json")
         if not saved.exists() or saved.stat().st_mtime < weights.stat().st_mtime:
             run([*command, "--eval_out", str(saved)])
         results[name] = json.loads(saved.read_text(encoding="utf-8"))
