@@ -6,6 +6,7 @@
     python eval_llm.py --load_from path/to/model.pth          # a .pth, an HF directory, any transformers chat model
     python eval_llm.py --eval_file dataset/demo/eval.jsonl    # exact-match accuracy, overall and per task
     python eval_llm.py --ppl_file held_out.jsonl              # perplexity of pretrain (text) or SFT (conversations) data
+    python eval_llm.py --ppl_lengths 256,1024,4096 --eval_file dataset/demo/long_text.jsonl   # by context length, YaRN off/on
 
 Evaluation prints a table, and one JSON object as the last line of stdout.
 """
@@ -24,7 +25,7 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
-from dataset.lm_dataset import JsonlFile, check_prompt, dataset_for_file, pad_rows
+from dataset.lm_dataset import JsonlFile, check_prompt, check_text, dataset_for_file, pad_rows
 from dataset.tasks import is_correct
 from model.chat_format import PromptTooLong, fit_history, render_prompt, start_messages, typed_questions
 from model.loader import (add_model_args, add_switch, chat_stream, context_length, describe, describe_training,
@@ -76,6 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--max_samples", type=int, default=0, help="use only the first N lines of each file (0 = all)")
     evaluation.add_argument("--batch_size", type=int, default=16, help="questions or documents per batch (default: 16)")
     evaluation.add_argument("--max_seq_len", type=int, default=512, help="perplexity: documents are cut to this many tokens")
+    evaluation.add_argument("--ppl_lengths", default=None, metavar="L1,L2,...",
+                            help="long-context perplexity of --eval_file (a .txt, or a jsonl of {text} read as one text) "
+                                 "in windows of each length, with --inference_rope_scaling 0 and 1; e.g. 256,512,1024,2048,4096,8192")
+    evaluation.add_argument("--ppl_plot", default=str(Path(__file__).resolve().parent / "images" / "ppl_by_length.png"),
+                            help="with --ppl_lengths: where the plot goes (default: <repo>/images/ppl_by_length.png)")
     return parser.parse_args(argv)
 
 
@@ -223,9 +229,90 @@ def perplexity(model, dataset, batch_size: int, max_samples: int = 0) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Long-context perplexity by window length, YaRN off and on
+# ---------------------------------------------------------------------------------------------
+
+def long_text_ids(path: Path, tokenizer) -> torch.Tensor:
+    """One long text as token ids: a .txt file whole, or the `text` of every jsonl line joined by newlines."""
+    if path.suffix == ".jsonl":
+        file = JsonlFile(path, validate=check_text)
+        text = "\n".join(file[i]["text"] for i in range(len(file)))
+    else:
+        text = path.read_text(encoding="utf-8")
+    return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+@torch.inference_mode()
+def windowed_perplexity(model, ids: torch.Tensor, length: int) -> dict:
+    """Perplexity of `ids` cut into consecutive windows of `length` tokens, each scored on its own from
+    its start: every token but a window's first is predicted from up to `length - 1` tokens before it."""
+    windows = ids[:len(ids) // length * length].view(-1, length)
+    nll_sum = 0.0
+    for window in tqdm(windows, desc=f"perplexity @ {length}", unit="window", file=sys.stderr):
+        row = window[None].to(model.device)
+        nll_sum += float(next_token_nll(model(input_ids=row).logits, row, reduction="sum"))
+    tokens = windows.shape[0] * (length - 1)
+    return {"length": length, "windows": windows.shape[0], "tokens": tokens, "ppl": math.exp(nll_sum / tokens)}
+
+
+def plot_ppl_by_length(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for key, label in (("yarn_off", "YaRN off"), ("yarn_on", "YaRN on")):
+        ax.plot([row["length"] for row in rows], [row[key] for row in rows], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("window length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def perplexity_by_length(args: argparse.Namespace) -> dict:
+    """`--ppl_lengths`: the same text, the same model loaded with YaRN off and on, every window length.
+    Only the windows of the longest length that fit are used, so every length reads the same tokens."""
+    lengths = sorted(int(length) for length in args.ppl_lengths.split(","))
+    path = Path(args.eval_file)
+    rows = [{"length": length} for length in lengths]
+    for key, scaling in (("yarn_off", 0), ("yarn_on", 1)):
+        model, tokenizer = load_from_args(argparse.Namespace(**{**vars(args), "inference_rope_scaling": scaling}))
+        print(f"loaded {describe(model)}, --inference_rope_scaling {scaling}", file=sys.stderr)
+        ids = long_text_ids(path, tokenizer)
+        if len(ids) < lengths[-1]:
+            raise ValueError(f"{path} has {len(ids):,} tokens, fewer than the longest window ({lengths[-1]:,})")
+        ids = ids[:len(ids) // lengths[-1] * lengths[-1]]
+        for row in rows:
+            result = windowed_perplexity(model, ids, row["length"])
+            row.update({"windows": result["windows"], key: result["ppl"]})
+    print(f"{'window':>7}  {'windows':>7}  {'YaRN off':>10}  {'YaRN on':>10}")
+    for row in rows:
+        print(f"{row['length']:>7}  {row['windows']:>7}  {row['yarn_off']:>10.3f}  {row['yarn_on']:>10.3f}")
+    plot_ppl_by_length(rows, Path(args.ppl_plot), f"Perplexity by context length: {path.name}, {len(ids):,} tokens")
+    print(f"plot: {args.ppl_plot}", file=sys.stderr)
+    return {"eval_file": str(path), "tokens": len(ids), "plot": str(args.ppl_plot), "by_length": rows}
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.ppl_lengths:
+        if not args.eval_file:
+            sys.exit("error: --ppl_lengths needs --eval_file: the long text to score")
+        try:
+            print(json.dumps(perplexity_by_length(args), ensure_ascii=False))
+        except (OSError, ValueError) as error:
+            sys.exit(f"error: {error}")
+        return
     try:
         model, tokenizer = load_from_args(args)
     except (FileNotFoundError, ValueError) as error:

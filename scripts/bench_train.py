@@ -30,23 +30,9 @@ import time
 
 import torch
 
-from scripts.common import DEMO, accelerator_name, cpu_name
+from scripts.common import DEMO, accelerator_name, cpu_name, peak_matmul_flops, training_flops_per_token
 
 VARIANTS = ["padded-fp32", "packed-fp32", "packed-bf16", "packed-fp32-compiled", "packed-bf16-compiled"]
-
-
-def peak_matmul_flops(dtype: torch.dtype, device: torch.device) -> float:
-    """Best FLOP/s of a large square matmul: the roof MFU is measured against."""
-    a = torch.randn(2048, 2048, device=device, dtype=dtype)
-    b = torch.randn(2048, 2048, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(6):
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2048 ** 3 / best
 
 
 def run_variant(args: argparse.Namespace, variant: str) -> dict:
@@ -89,7 +75,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
                 rows_tokens += batch["input_ids"].numel()
         n_params = sum(p.numel() for p in model.parameters())
         cfg = model.config
-        flops_per_token = 6 * n_params + 12 * cfg.num_hidden_layers * cfg.hidden_size * args.max_seq_len
+        flops_per_token = training_flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, args.max_seq_len)
         seconds = sum(times)
         tokens_per_s = tokens / seconds
         peak = peak_matmul_flops(runtime.dtype, runtime.device)

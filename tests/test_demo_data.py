@@ -1,5 +1,6 @@
 """The shipped demo data: rebuilt byte for byte by its generator, every line in its format, every
 answer right (checked by an independent solver), and the eval questions held out of training."""
+import csv
 import json
 import re
 import subprocess
@@ -15,6 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO_ROOT / "dataset" / "demo"
 FILES = ["pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "rlaif.jsonl", "reason.jsonl", "eval.jsonl"]
 TRAINING_FILES = [name for name in FILES if name != "eval.jsonl"]
+BENCHMARK_FILES = sorted(str(path.relative_to(DEMO_DIR)) for path in DEMO_DIR.glob("c*/*/*.csv"))
+LONG_TEXT = "long_text.jsonl"
 TASKS = {"add_1digit", "sub_1digit", "successor", "compare", "count_items", "count_letters", "unit_convert",
          "add_2digit", "sub_2digit", "mul_1digit"}
 
@@ -32,14 +35,15 @@ def test_generator_rebuilds_the_committed_files_byte_for_byte(tmp_path):
     script = REPO_ROOT / "scripts" / "make_demo_data.py"
     subprocess.run([sys.executable, str(script), "--out_dir", str(tmp_path / "a")], check=True, capture_output=True)
     make_demo_data(["--out_dir", str(tmp_path / "b")])
-    for name in FILES:
+    assert len(BENCHMARK_FILES) == 12
+    for name in FILES + BENCHMARK_FILES + [LONG_TEXT]:
         committed = (DEMO_DIR / name).read_bytes()
         assert (tmp_path / "a" / name).read_bytes() == committed, name
         assert (tmp_path / "b" / name).read_bytes() == committed, name
 
 
 def test_committed_demo_data_is_small():
-    assert sum((DEMO_DIR / name).stat().st_size for name in FILES) <= 20_000_000
+    assert sum((DEMO_DIR / name).stat().st_size for name in FILES + BENCHMARK_FILES + [LONG_TEXT]) <= 20_000_000
 
 
 # --- formats --------------------------------------------------------------------------------
@@ -263,6 +267,50 @@ def test_eval_questions_never_appear_in_training_files():
     leaked = [row["conversations"][0]["content"] for row in read_rows("eval.jsonl")
               if row["conversations"][0]["content"] in seen_in_training]
     assert not leaked
+
+
+# --- the demo benchmark, in the C-Eval and CMMLU layouts -------------------------------------
+
+def read_csv(name: str) -> list[dict]:
+    with open(DEMO_DIR / name, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("name", BENCHMARK_FILES)
+def test_benchmark_files_have_the_official_layout_and_right_answers(name):
+    benchmark, split, file = name.split("/")
+    rows = read_csv(name)
+    header = list(rows[0])
+    if benchmark == "ceval":
+        assert split in {"dev", "val"} and file.endswith(f"_{split}.csv")
+        assert header == ["id", "question", "A", "B", "C", "D", "answer"] + ["explanation"] * (split == "dev")
+    else:
+        assert split in {"dev", "test"} and header == ["", "Question", "A", "B", "C", "D", "Answer"]
+    assert len(rows) == (5 if split == "dev" else 60)
+    for row in rows:
+        question, options, letter = row.get("question") or row["Question"], [row[c] for c in "ABCD"], row.get("answer") or row["Answer"]
+        assert len(set(options)) == 4, row
+        assert options["ABCD".index(letter)] == str(solve(question)), row
+
+
+def test_benchmark_answers_are_spread_over_the_letters():
+    letters = [row.get("answer") or row["Answer"] for name in BENCHMARK_FILES for row in read_csv(name)]
+    assert all(letters.count(letter) > len(letters) / 8 for letter in "ABCD")
+
+
+def test_benchmark_questions_are_in_no_training_file_nor_eval_and_never_repeat():
+    questions = [row.get("question") or row["Question"] for name in BENCHMARK_FILES for row in read_csv(name)]
+    assert len(set(questions)) == len(questions) == 390
+    eval_questions = {row["conversations"][0]["content"] for row in read_rows("eval.jsonl")}
+    assert not set(questions) & (training_text_lines() | eval_questions)
+
+
+def test_long_text_is_long_held_out_and_from_the_novel():
+    chapters = [row["text"] for row in read_rows(LONG_TEXT)]
+    assert len(chapters) == 10 and chapters[0].startswith("第一回 宴桃园豪杰三结义")
+    assert sum(len(chapter) for chapter in chapters) >= 45_000  # at ~0.87 characters per token: six 8192-token windows
+    seen_in_training = training_text_lines()
+    assert not any(line in seen_in_training for chapter in chapters for line in chapter.split("\n") if len(line) > 10)
 
 
 # --- answer checking ------------------------------------------------------------------------

@@ -302,3 +302,37 @@ def test_perplexity_of_conversations_counts_assistant_tokens_only(tiny_model, to
     result = eval_llm.perplexity(tiny_model, dataset, batch_size=1)
     assert result["tokens"] == len(scored)
     assert result["ppl"] == pytest.approx(math.exp(nll / len(scored)), rel=1e-4)
+
+
+def test_perplexity_by_length_with_yarn_off_and_on(tokenizer, tmp_path, capsys):
+    """Each window scored alone, by hand: exp of the mean cross-entropy of every token but a window's
+    first, over the windows of the longest length that fit, for the model built with YaRN off and on.
+    The weights are scaled up so that positions matter: the two differ by more than the tolerance."""
+    torch.manual_seed(0)
+    sharp = MiniMindForCausalLM(MiniMindConfig(**PRESETS["tiny"])).eval()
+    with torch.no_grad():
+        for parameter in sharp.parameters():
+            if parameter.dim() > 1:
+                parameter.mul_(10)
+    save_weights(sharp, tmp_path / "sharp_64.pth")
+    text = tmp_path / "long.txt"
+    text.write_text("滚滚长江东逝水，浪花淘尽英雄。是非成败转头空。" * 40, encoding="utf-8")
+    plot = tmp_path / "ppl.png"
+    eval_llm.main(["--load_from", str(tmp_path / "sharp_64.pth"), "--device", "cpu", "--dtype", "float32",
+                   "--eval_file", str(text), "--ppl_lengths", "32,128", "--ppl_plot", str(plot)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ids = torch.tensor(tokenizer(text.read_text(encoding="utf-8"), add_special_tokens=False).input_ids)
+    ids = ids[:len(ids) // 128 * 128]
+    models = {key: MiniMindForCausalLM(MiniMindConfig(**PRESETS["tiny"], inference_rope_scaling=scaling)).eval()
+              for key, scaling in (("yarn_off", False), ("yarn_on", True))}
+    for model in models.values():
+        model.load_state_dict(half_rounded(sharp).state_dict())
+    for row in summary["by_length"]:
+        windows = ids.view(-1, row["length"])
+        assert row["windows"] == windows.shape[0]
+        for key, model in models.items():
+            with torch.no_grad():
+                nll = F.cross_entropy(model(input_ids=windows).logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten())
+            assert row[key] == pytest.approx(math.exp(nll), rel=1e-4)
+        assert row["yarn_on"] != pytest.approx(row["yarn_off"], rel=1e-4)  # so swapping them would fail
+    assert summary["tokens"] == len(ids) and plot.stat().st_size > 0
