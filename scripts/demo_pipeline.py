@@ -124,6 +124,10 @@ def main() -> None:
          "--data_path", str(sft_data), "--eval_data", str(sft_val)])
     after = evaluate("full_sft")
 
+    # The report card: demo C-Eval/CMMLU, held-out perplexity and costs of each stage, against chance.
+    run([python, "scripts/report.py", "--out_dir", str(out), "--hidden_size", str(hidden),
+         "--report", str(out / "report_card.md"), "--device", args.device, *(["--limit", "10"] if args.quick else [])])
+
     # 4. A few answers, greedy, as `python eval_llm.py` shows them.
     chat = run([python, "eval_llm.py", "--load_from", str(out / f"full_sft_{hidden}.pth"), "--temperature", "0",
                 "--max_new_tokens", "32", "--device", args.device, "--prompts", *CHAT_PROMPTS])
@@ -176,6 +180,9 @@ bits per byte.
 {rows}
 
 ![SFT loss](../../images/demo_sft_loss.png)
+
+See [report_card.md](report_card.md) for the demo C-Eval/CMMLU accuracy of each stage against chance (95%
+interval, number of questions) and McNemar's test of the change.
 
 ## Chat (greedy)
 

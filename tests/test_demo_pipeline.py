@@ -25,6 +25,8 @@ def test_quick_pipeline_runs_end_to_end_and_reports(tmp_path):
                                                  ".metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in metrics if "val_loss" in r] == [2, 4, 6, 8]
     assert "held-out" in report and "bits per byte" in report
+    card = (tmp_path / "out" / "report_card.md").read_text(encoding="utf-8")
+    assert "C-Eval" in card and "CMMLU" in card
     for name in ("demo_pretrain_loss.png", "demo_sft_loss.png"):
         assert (tmp_path / "images" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "out" / "pretrain_64.pth").exists() and (tmp_path / "out" / "full_sft_64.pth").exists()
