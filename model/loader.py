@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList,
-                          PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList,
-                          TemperatureLogitsWarper, TextIteratorStreamer, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from model.chat_format import Message, render_prompt
+from model.generate import Decoder, Sampling, Sequence, TextStream, generate
 from model.model_lora import load_lora, merge_lora
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from model.weights import read_weights, sidecar_path
@@ -340,68 +338,27 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return ids
 
 
-def generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int,
-                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                      repetition_penalty: float = 1.0) -> GenerationConfig:
-    """All sampling settings stated here, none inherited from a model's generation_config.json.
-    temperature 0 = greedy; top_k 0 = no top-k cut."""
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 \
-        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    return GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-                            eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                            **sampling)
+def chat_sequence(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int], *,
+                  max_new_tokens: int, temperature: float = 0.85, top_p: float = 0.85, top_k: int = 0,
+                  repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> Sequence:
+    """A reply for model/generate.py's decoder, with every sampling setting stated here (none inherited
+    from a model's generation_config.json): it ends at the model's end-of-turn ids, its text before
+    the first `stop` string. temperature 0 = greedy; top_k 0 = no top-k cut. `seed` gives it a
+    generator of its own, so that a seeded reply repeats whatever else the decoder runs beside it."""
+    generator = torch.Generator(model.device).manual_seed(seed) if seed is not None and temperature > 0 else None
+    return Sequence(prompt, max_new_tokens, Sampling(temperature, top_k, top_p, repetition_penalty),
+                    frozenset(stop_token_ids(model, tokenizer)), generator, TextStream(tokenizer, stop))
 
 
-class _StopWhenSet(StoppingCriteria):
-    """Lets the reader of a stream stop the generation running in another thread."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _StopOnStrings(StoppingCriteria):
-    """Stops at the token that completes one of the stop strings. It reads decoded text, not token
-    strings, so a stop string may split across tokens anywhere (a Chinese character is often
-    several byte-level tokens); only the tail that could hold a new match is decoded each step."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_tokens: int, stop: list[str]):
-        self.tokenizer, self.prompt_tokens, self.stop = tokenizer, prompt_tokens, stop
-        self.window = 4 * max(map(len, stop)) + 4  # a character is at most 4 byte-level tokens
-        self.matched = False
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        tail = input_ids[0, max(self.prompt_tokens, input_ids.shape[1] - self.window):]
-        text = self.tokenizer.decode(tail, skip_special_tokens=True)
-        self.matched = self.matched or any(stop in text for stop in self.stop)
-        return torch.full((input_ids.shape[0],), self.matched, dtype=torch.bool, device=input_ids.device)
-
-
-class _SampleWith(LogitsProcessor):
-    """Draws the next token from the warped scores with a private generator and leaves only it
-    possible, so that greedy search picks it. A seeded reply then repeats even while other threads
-    sample: `torch.manual_seed` would reseed the one global generator they all draw from."""
-
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        chosen = torch.multinomial(torch.softmax(scores.float(), dim=-1), 1, generator=self.generator)
-        return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
-
-
-def _seeded_sampling(config: GenerationConfig, seed: int, device: torch.device) -> tuple[GenerationConfig, LogitsProcessorList]:
-    """`config`'s sampling, done by `_SampleWith` on a generator of its own seeded with `seed`."""
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(config.temperature)])
-    if config.top_k:
-        warpers.append(TopKLogitsWarper(config.top_k))
-    if config.top_p is not None and config.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(config.top_p))
-    warpers.append(_SampleWith(torch.Generator(device).manual_seed(seed)))
-    greedy = GenerationConfig(**{**config.to_dict(), "do_sample": False, "temperature": None, "top_p": None, "top_k": None})
-    return greedy, warpers
+def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                   top_k: int = 0) -> torch.Tensor:
+    """Replies to a left-padded batch of prompts through the decode loop, in the shape transformers'
+    `generate` returns: the prompts, then each row's tokens up to its end-of-turn id, padded after it.
+    temperature 0 = greedy; sampling draws from torch's global generator."""
+    return generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                    sampling=Sampling(temperature, top_k, top_p), stop_ids=tuple(stop_token_ids(model, tokenizer)),
+                    pad_token_id=tokenizer.pad_token_id)
 
 
 class ChatStream:
@@ -409,31 +366,33 @@ class ChatStream:
     `prompt_tokens`, `completion_ids` and `completion_tokens` (generated tokens, not counting the
     end-of-turn token) and `finish_reason`: "stop" (end of turn or a stop string), "length"
     (max_new_tokens reached) or "cancelled". The text ends before the first stop string. To stop
-    early (a client gone), `close()` it or iterate inside `with`."""
+    early, `close()` it or iterate inside `with`: the next token is then never computed."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
-                 config: GenerationConfig, seed: int | None, stop: list[str] | None = None):
-        self.model, self.tokenizer, self.input_ids, self.config, self.seed = model, tokenizer, input_ids, config, seed
-        self.stop = [text for text in stop or [] if text]
-        self.prompt_tokens = input_ids.shape[1]
-        self.completion_ids: list[int] = []
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self._cancel = threading.Event()
-        self._error: BaseException | None = None
+    def __init__(self, model: PreTrainedModel, sequence: Sequence):
+        self.model, self.sequence = model, sequence
         self._pieces = self._run()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.sequence.prompt)
+
+    @property
+    def completion_ids(self) -> list[int]:
+        return self.sequence.completion
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.sequence.completion)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.sequence.finish_reason
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
 
     def close(self) -> None:
-        """Stop generating (if still running) and wait for the generation thread to finish."""
         self._pieces.close()
-
-    def cancel(self) -> None:
-        """Ask the generation to stop after the current token, from any thread, without waiting
-        (`close()` must come from the thread that iterates)."""
-        self._cancel.set()
 
     def __enter__(self) -> "ChatStream":
         return self
@@ -442,57 +401,28 @@ class ChatStream:
         self.close()
 
     def _run(self) -> Iterator[str]:
-        # Generation runs in a thread and hands decoded text over a queue, so the caller can print
-        # (or send) each piece while the next token is computed.
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        worker = threading.Thread(target=self._generate, args=(streamer,), daemon=True)
-        worker.start()
-        held = ""  # the end of the text that could begin a stop string: shown once it cannot
+        # A piece is handed over between two decode steps, so the caller prints (or sends) it
+        # before the next token is computed, and leaving the loop stops the decoding there.
+        sequence = self.sequence
+        decoder = Decoder(self.model, slots=1, capacity=len(sequence.prompt) + sequence.max_new_tokens)
         try:
-            for piece in streamer:
-                held += piece
-                found = [held.find(stop) for stop in self.stop if stop in held]
-                if found:
-                    if min(found):
-                        yield held[:min(found)]
-                    break
-                keep = max((n for stop in self.stop for n in range(len(stop) - 1, 0, -1) if held.endswith(stop[:n])),
-                           default=0)
-                if len(held) > keep:
-                    yield held[:len(held) - keep]
-                    held = held[len(held) - keep:]
-            else:
-                if held:
-                    yield held
+            decoder.add([sequence])
+            while True:
+                piece = sequence.text.take()
+                if piece:
+                    yield piece
+                if not decoder.running:
+                    return
+                decoder.step()
         finally:
-            self._cancel.set()
-            worker.join()
-        if self._error is not None:
-            raise self._error
+            decoder.finish(sequence)  # "cancelled" when the reader left early; a no-op once ended
 
-    def _generate(self, streamer: TextIteratorStreamer) -> None:
-        criteria = StoppingCriteriaList([_StopWhenSet(self._cancel)])
-        stop_strings = _StopOnStrings(self.tokenizer, self.prompt_tokens, self.stop) if self.stop else None
-        if stop_strings:
-            criteria.append(stop_strings)
-        config, processors = self.config, LogitsProcessorList()
-        if self.seed is not None and config.do_sample:
-            config, processors = _seeded_sampling(config, self.seed, self.input_ids.device)
-        try:
-            output = self.model.generate(
-                self.input_ids, attention_mask=torch.ones_like(self.input_ids), generation_config=config,
-                streamer=streamer, stopping_criteria=criteria, logits_processor=processors)
-        except BaseException as error:  # handed to the reader, who would otherwise wait forever
-            self._error = error
-            streamer.end()
-            return
-        generated = output[0, self.prompt_tokens:].tolist()
-        stops = set(self.config.eos_token_id)
-        ended = bool(generated) and generated[-1] in stops
-        self.completion_ids = generated[:-1] if ended else generated
-        self.completion_tokens = len(self.completion_ids)
-        stopped = ended or (stop_strings is not None and stop_strings.matched)
-        self.finish_reason = "stop" if stopped else "length" if len(generated) >= self.config.max_new_tokens else "cancelled"
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], enable_thinking: bool | None = None,
+               tools: list[dict] | None = None) -> list[int]:
+    """The token ids of the chat template's prompt for `messages`, ready for the model's reply."""
+    prompt = render_prompt(tokenizer, messages, enable_thinking=enable_thinking, tools=tools)
+    return tokenizer(prompt, add_special_tokens=False).input_ids
 
 
 def chat_stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messages: list[Message], *,
@@ -502,8 +432,7 @@ def chat_stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mess
     """Answer the conversation `messages` (already fitted to the context, see `chat_format.fit_history`),
     streaming text pieces. temperature 0 = greedy; `seed` makes sampling repeatable; the reply
     ends before the first of the `stop` strings."""
-    prompt = render_prompt(tokenizer, messages, enable_thinking=enable_thinking, tools=tools)
-    input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
-    config = generation_config(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
-    return ChatStream(model, tokenizer, input_ids, config, seed, stop)
+    sequence = chat_sequence(model, tokenizer, prompt_ids(tokenizer, messages, enable_thinking, tools),
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                             repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+    return ChatStream(model, sequence)
