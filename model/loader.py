@@ -418,13 +418,6 @@ class ChatStream:
             decoder.finish(sequence)  # "cancelled" when the reader left early; a no-op once ended
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], enable_thinking: bool | None = None,
-               tools: list[dict] | None = None) -> list[int]:
-    """The token ids of the chat template's prompt for `messages`, ready for the model's reply."""
-    prompt = render_prompt(tokenizer, messages, enable_thinking=enable_thinking, tools=tools)
-    return tokenizer(prompt, add_special_tokens=False).input_ids
-
-
 def chat_stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messages: list[Message], *,
                 max_new_tokens: int = 512, temperature: float = 0.85, top_p: float = 0.85, top_k: int = 0,
                 repetition_penalty: float = 1.0, enable_thinking: bool | None = None,
@@ -432,7 +425,8 @@ def chat_stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mess
     """Answer the conversation `messages` (already fitted to the context, see `chat_format.fit_history`),
     streaming text pieces. temperature 0 = greedy; `seed` makes sampling repeatable; the reply
     ends before the first of the `stop` strings."""
-    sequence = chat_sequence(model, tokenizer, prompt_ids(tokenizer, messages, enable_thinking, tools),
+    prompt = render_prompt(tokenizer, messages, enable_thinking=enable_thinking, tools=tools)
+    sequence = chat_sequence(model, tokenizer, tokenizer(prompt, add_special_tokens=False).input_ids,
                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                              repetition_penalty=repetition_penalty, seed=seed, stop=stop)
     return ChatStream(model, sequence)
