@@ -199,6 +199,44 @@ def load_tokenizer(tokenizer_path: str | Path | None = None, model_directory: Pa
 
 
 # ---------------------------------------------------------------------------------------------
+# int8 weights
+# ---------------------------------------------------------------------------------------------
+
+class Int8Linear(torch.nn.Module):
+    """A linear layer whose weight is stored as int8 with one scale per output row (symmetric:
+    w ~ scale * round(w / scale), scale = max|w_row| / 127). Decoding one token reads every weight
+    once, so on a CPU its speed is set by the bytes streamed from memory: int8 is a quarter of fp32.
+    The matmul is torch's CPU kernel for int8 weights (`_weight_int8pack_mm`, as gpt-fast uses), which
+    is fast with bf16 activations and bf16 scales; the output goes back to the input's dtype."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale.bfloat16())
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).bfloat16()
+        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
+        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+
+def quantize_int8(model: PreTrainedModel) -> PreTrainedModel:
+    """Every linear layer of `model` as an `Int8Linear` (the tied lm_head gets an int8 copy; the
+    embedding, a lookup, stays as it is). Weight-only: activations, norms and the cache keep their dtype."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, child_name, Int8Linear(child))
+    model.quantized = "int8"
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
 # The entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -228,10 +266,11 @@ def load_model_and_tokenizer(load_from: str = NATIVE, *, weight: str = "full_sft
                              hidden_size: int = 512, num_hidden_layers: int = 8, use_moe: bool = False,
                              preset: str | None = None, inference_rope_scaling: bool = False,
                              tokenizer_path: str | Path | None = None, device: str = "auto",
-                             dtype: str = "auto", lora_weight: str | None = None
+                             dtype: str = "auto", lora_weight: str | None = None, quantize: str = "none"
                              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A model in eval mode on its device and dtype, and its tokenizer (see the module docstring for
-    what `load_from` may name), with the LoRA adapter `lora_weight` merged in if given. The size
+    what `load_from` may name), with the LoRA adapter `lora_weight` merged in if given, and its
+    linear layers in int8 with `quantize="int8"` (CPU only). The size
     arguments only matter for a `.pth` without sidecar and for the file name under `--load_from model`."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -249,7 +288,12 @@ def load_model_and_tokenizer(load_from: str = NATIVE, *, weight: str = "full_sft
                          f"pass the model's own tokenizer with --tokenizer_path")
     if lora_weight and lora_weight.lower() != "none":
         model = merge_lora_weight(model, lora_weight, save_dir)
-    return model.to(torch_device, torch_dtype).eval(), tokenizer
+    model = model.to(torch_device, torch_dtype).eval()
+    if quantize == "int8":
+        if torch_device.type != "cpu":
+            raise ValueError(f"--quantize int8 is for the CPU (torch's int8 weight kernel), not {torch_device}")
+        model = quantize_int8(model)
+    return model, tokenizer
 
 
 def merge_lora_weight(model: PreTrainedModel, lora_weight: str, save_dir: str | Path = DEFAULT_SAVE_DIR) -> PreTrainedModel:
@@ -292,6 +336,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="auto = bf16 on CUDA, fp16 on MPS, fp32 on CPU")
+    group.add_argument("--quantize", default="none", choices=["none", "int8"],
+                       help="int8 = weight-only int8 linear layers on the CPU: a quarter of fp32's bytes per token")
     group.add_argument("--system_prompt", default=None, help="persona as a system message (default: the chat template's own)")
 
 
@@ -300,14 +346,16 @@ def load_from_args(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTraine
         args.load_from, weight=args.weight, save_dir=args.save_dir, hidden_size=args.hidden_size,
         num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe), preset=args.preset,
         inference_rope_scaling=bool(args.inference_rope_scaling), tokenizer_path=args.tokenizer_path,
-        device=args.device, dtype=args.dtype, lora_weight=args.lora_weight)
+        device=args.device, dtype=args.dtype, lora_weight=args.lora_weight, quantize=args.quantize)
 
 
 def describe(model: PreTrainedModel) -> str:
     """One line for a log: where the model came from, what it is, where it runs."""
     parameters = sum(p.numel() for p in model.parameters())
+    parameters += sum(b.numel() for name, b in model.named_buffers() if name.endswith("weight_int8"))
+    weights = "int8 linear layers, " if getattr(model, "quantized", None) else ""
     return (f"{model.name_or_path}: {type(model).__name__}, {parameters / 1e6:.2f}M parameters, "
-            f"{str(model.dtype).removeprefix('torch.')} on {model.device}")
+            f"{weights}{str(model.dtype).removeprefix('torch.')} on {model.device}")
 
 
 def describe_training(model: PreTrainedModel) -> str | None:
