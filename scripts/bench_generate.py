@@ -31,14 +31,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
-from model.generate import generate
+from model.generate import Decoder, Sequence
 from model.loader import load_model_and_tokenizer, quantize_int8
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from model.weights import save_weights
 from scripts.common import DEMO, REPO, cpu_name, last_json, run
 
-Generate = Callable[[torch.Tensor, int], object]  # (prompt ids (B, T), new tokens) -> runs the decode
+Generate = Callable[[torch.Tensor, int], tuple[float, float]]
+# (prompt ids (B, T), new tokens per row) -> seconds to the first new token and to the last, of one run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,13 +48,44 @@ Generate = Callable[[torch.Tensor, int], object]  # (prompt ids (B, T), new toke
 # ---------------------------------------------------------------------------------------------
 
 def ours(model) -> Generate:
-    return lambda ids, new_tokens: generate(model, ids, max_new_tokens=new_tokens)
+    def run_ours(ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+        start = time.perf_counter()
+        decoder = Decoder(model, slots=ids.shape[0], capacity=ids.shape[1] + new_tokens)
+        decoder.add([Sequence(row.tolist(), new_tokens) for row in ids])
+        first = time.perf_counter() - start
+        while decoder.running:
+            decoder.step()
+        return first, time.perf_counter() - start
+
+    return run_ours
+
+
+class FirstTokenClock(BaseStreamer):
+    """Notes when transformers' generate hands over its first new token (its first `put` is the prompt)."""
+
+    def __init__(self, start: float):
+        self.start, self.puts, self.first = start, 0, None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter() - self.start
+
+    def end(self) -> None:
+        pass
 
 
 def transformers(model) -> Generate:
     """transformers' generate made to write exactly `new_tokens` tokens per row, as ours does."""
-    return lambda ids, new_tokens: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    def run_transformers(ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+        start = time.perf_counter()
+        clock = FirstTokenClock(start)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0, streamer=clock if ids.shape[0] == 1 else None)
+        whole = time.perf_counter() - start
+        return (clock.first if ids.shape[0] == 1 else None), whole
+
+    return run_transformers
 
 
 def llama_cpp_runner(gguf: Path, context: int) -> Generate:
@@ -61,13 +94,15 @@ def llama_cpp_runner(gguf: Path, context: int) -> Generate:
 
     llm = Llama(model_path=str(gguf), n_ctx=context, n_threads=torch.get_num_threads(), verbose=False)
 
-    def run_llama(ids: torch.Tensor, new_tokens: int) -> None:
+    def run_llama(ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
         llm.reset()  # else generate() reuses the cached prompt of the previous call, skipping its prefill
-        produced = 0
+        start, first, produced = time.perf_counter(), None, 0
         for _ in llm.generate(ids[0].tolist(), temp=0.0, top_k=1, reset=True):
             produced += 1
+            first = first or time.perf_counter() - start
             if produced == new_tokens:
-                return
+                break
+        return first, time.perf_counter() - start
 
     return run_llama
 
@@ -85,25 +120,24 @@ def write_gguf(source: Path, outtype: str, directory: Path, converter: Path) -> 
     return target
 
 
-def seconds(fn: Generate, ids: torch.Tensor, new_tokens: int) -> float:
-    start = time.perf_counter()
-    fn(ids, new_tokens)
-    return time.perf_counter() - start
-
-
 def measure(variants: dict[str, Generate], batch: int, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
-    """{variant: {"prefill_tok_s", "decode_tok_s"}} for `batch` random prompts, best of `repeats`."""
+    """{variant: {"prefill_tok_s", "decode_tok_s"}} for `batch` random prompts, best of `repeats`.
+    Both rates come from the same run: prompt tokens / time to the first new token, and the other
+    new tokens / the time after it. transformers' batched generate streams nothing, so its
+    prefill is timed by a one-token run of its own."""
     ids = torch.randint(3, 6400, (batch, prompt_tokens), generator=torch.Generator().manual_seed(batch))
     best: dict[str, dict] = {name: {"prefill_tok_s": 0.0, "decode_tok_s": 0.0} for name in variants}
     with torch.inference_mode():
-        for name, fn in variants.items():  # warm-up: allocator, kernels, llama.cpp's first eval
+        for fn in variants.values():  # warm-up: allocator, kernels, llama.cpp's first eval
             fn(ids, 2)
         for _ in range(repeats):
             for name, fn in variants.items():
-                first, whole = seconds(fn, ids, 1), seconds(fn, ids, new_tokens)
+                first, whole = fn(ids, new_tokens)
+                if first is None:
+                    first = fn(ids, 1)[1]
                 best[name]["prefill_tok_s"] = max(best[name]["prefill_tok_s"], batch * prompt_tokens / first)
-                best[name]["decode_tok_s"] = max(best[name]["decode_tok_s"],
-                                                 batch * (new_tokens - 1) / max(whole - first, 1e-9))
+                if whole > first:  # (a separately timed prefill can outlast a noisy whole run)
+                    best[name]["decode_tok_s"] = max(best[name]["decode_tok_s"], batch * (new_tokens - 1) / (whole - first))
     return {name: {key: round(value, 1) for key, value in rates.items()} for name, rates in best.items()}
 
 
