@@ -29,7 +29,7 @@ from dataset.lm_dataset import JsonlFile, check_prompt, check_text, dataset_for_
 from dataset.tasks import is_correct
 from model.chat_format import PromptTooLong, fit_history, render_prompt, start_messages, typed_questions
 from model.loader import (add_model_args, add_switch, chat_stream, context_length, describe, describe_training,
-                          generation_config, load_from_args)
+                          generate_batch, load_from_args)
 from model.model_minimind import next_token_nll
 
 CANNED_PROMPTS = [
@@ -156,17 +156,15 @@ def question_messages(record: dict, system_prompt: str | None) -> list[dict]:
 # Exact-match accuracy
 # ---------------------------------------------------------------------------------------------
 
-@torch.inference_mode()
 def greedy_answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy replies to rendered prompts, `batch_size` at a time, left-padded so every row's next
-    token comes from the same position."""
-    config = generation_config(model, tokenizer, max_new_tokens=max_new_tokens)
+    """Greedy replies to rendered prompts, `batch_size` at a time through the decode loop: each row
+    decodes at its own position and leaves the batch when it ends its turn."""
     answers = []
     with tqdm(total=len(prompts), desc="answering", unit="q", file=sys.stderr) as progress:
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
                               padding_side="left", add_special_tokens=False).to(model.device)
-            output = model.generate(**batch, generation_config=config)
+            output = generate_batch(model, tokenizer, batch.input_ids, batch.attention_mask, max_new_tokens=max_new_tokens)
             answers += tokenizer.batch_decode(output[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
             progress.update(batch.input_ids.shape[0])
     return answers

@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList,
-                          PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList,
-                          TemperatureLogitsWarper, TextIteratorStreamer, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from model.chat_format import Message, render_prompt
 from model.cli import add_switch
+from model.generate import Decoder, Sampling, Sequence, TextStream, generate
 from model.model_lora import load_lora, merge_lora
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from model.weights import read_weights, sidecar_path
@@ -202,6 +200,44 @@ def load_tokenizer(tokenizer_path: str | Path | None = None, model_directory: Pa
 
 
 # ---------------------------------------------------------------------------------------------
+# int8 weights
+# ---------------------------------------------------------------------------------------------
+
+class Int8Linear(torch.nn.Module):
+    """A linear layer whose weight is stored as int8 with one scale per output row (symmetric:
+    w ~ scale * round(w / scale), scale = max|w_row| / 127). Decoding one token reads every weight
+    once, so on a CPU its speed is set by the bytes streamed from memory: int8 is a quarter of fp32.
+    The matmul is torch's CPU kernel for int8 weights (`_weight_int8pack_mm`, as gpt-fast uses), which
+    is fast with bf16 activations and bf16 scales; the output goes back to the input's dtype."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale.bfloat16())
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).bfloat16()
+        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
+        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+
+def quantize_int8(model: PreTrainedModel) -> PreTrainedModel:
+    """Every linear layer of `model` as an `Int8Linear` (the tied lm_head gets an int8 copy; the
+    embedding, a lookup, stays as it is). Weight-only: activations, norms and the cache keep their dtype."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, child_name, Int8Linear(child))
+    model.quantized = "int8"
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
 # The entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -231,10 +267,11 @@ def load_model_and_tokenizer(load_from: str = NATIVE, *, weight: str = "full_sft
                              hidden_size: int = 512, num_hidden_layers: int = 8, use_moe: bool = False,
                              preset: str | None = None, inference_rope_scaling: bool = False,
                              tokenizer_path: str | Path | None = None, device: str = "auto",
-                             dtype: str = "auto", lora_weight: str | None = None
+                             dtype: str = "auto", lora_weight: str | None = None, quantize: str = "none"
                              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A model in eval mode on its device and dtype, and its tokenizer (see the module docstring for
-    what `load_from` may name), with the LoRA adapter `lora_weight` merged in if given. The size
+    what `load_from` may name), with the LoRA adapter `lora_weight` merged in if given, and its
+    linear layers in int8 with `quantize="int8"` (CPU only). The size
     arguments only matter for a `.pth` without sidecar and for the file name under `--load_from model`."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -252,7 +289,12 @@ def load_model_and_tokenizer(load_from: str = NATIVE, *, weight: str = "full_sft
                          f"pass the model's own tokenizer with --tokenizer_path")
     if lora_weight and lora_weight.lower() != "none":
         model = merge_lora_weight(model, lora_weight, save_dir)
-    return model.to(torch_device, torch_dtype).eval(), tokenizer
+    model = model.to(torch_device, torch_dtype).eval()
+    if quantize == "int8":
+        if torch_device.type != "cpu":
+            raise ValueError(f"--quantize int8 is for the CPU (torch's int8 weight kernel), not {torch_device}")
+        model = quantize_int8(model)
+    return model, tokenizer
 
 
 def merge_lora_weight(model: PreTrainedModel, lora_weight: str, save_dir: str | Path = DEFAULT_SAVE_DIR) -> PreTrainedModel:
@@ -287,6 +329,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="auto = bf16 on CUDA, fp16 on MPS, fp32 on CPU")
+    group.add_argument("--quantize", default="none", choices=["none", "int8"],
+                       help="int8 = weight-only int8 linear layers on the CPU: a quarter of fp32's bytes per token")
     group.add_argument("--system_prompt", default=None, help="persona as a system message (default: the chat template's own)")
 
 
@@ -295,14 +339,16 @@ def load_from_args(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTraine
         args.load_from, weight=args.weight, save_dir=args.save_dir, hidden_size=args.hidden_size,
         num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe), preset=args.preset,
         inference_rope_scaling=bool(args.inference_rope_scaling), tokenizer_path=args.tokenizer_path,
-        device=args.device, dtype=args.dtype, lora_weight=args.lora_weight)
+        device=args.device, dtype=args.dtype, lora_weight=args.lora_weight, quantize=args.quantize)
 
 
 def describe(model: PreTrainedModel) -> str:
     """One line for a log: where the model came from, what it is, where it runs."""
     parameters = sum(p.numel() for p in model.parameters())
+    parameters += sum(b.numel() for name, b in model.named_buffers() if name.endswith("weight_int8"))
+    weights = "int8 linear layers, " if getattr(model, "quantized", None) else ""
     return (f"{model.name_or_path}: {type(model).__name__}, {parameters / 1e6:.2f}M parameters, "
-            f"{str(model.dtype).removeprefix('torch.')} on {model.device}")
+            f"{weights}{str(model.dtype).removeprefix('torch.')} on {model.device}")
 
 
 def describe_training(model: PreTrainedModel) -> str | None:
@@ -333,68 +379,27 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return ids
 
 
-def generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int,
-                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                      repetition_penalty: float = 1.0) -> GenerationConfig:
-    """All sampling settings stated here, none inherited from a model's generation_config.json.
-    temperature 0 = greedy; top_k 0 = no top-k cut."""
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 \
-        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    return GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-                            eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                            **sampling)
+def chat_sequence(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int], *,
+                  max_new_tokens: int, temperature: float = 0.85, top_p: float = 0.85, top_k: int = 0,
+                  repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> Sequence:
+    """A reply for model/generate.py's decoder, with every sampling setting stated here (none inherited
+    from a model's generation_config.json): it ends at the model's end-of-turn ids, its text before
+    the first `stop` string. temperature 0 = greedy; top_k 0 = no top-k cut. `seed` gives it a
+    generator of its own, so that a seeded reply repeats whatever else the decoder runs beside it."""
+    generator = torch.Generator(model.device).manual_seed(seed) if seed is not None and temperature > 0 else None
+    return Sequence(prompt, max_new_tokens, Sampling(temperature, top_k, top_p, repetition_penalty),
+                    frozenset(stop_token_ids(model, tokenizer)), generator, TextStream(tokenizer, stop))
 
 
-class _StopWhenSet(StoppingCriteria):
-    """Lets the reader of a stream stop the generation running in another thread."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _StopOnStrings(StoppingCriteria):
-    """Stops at the token that completes one of the stop strings. It reads decoded text, not token
-    strings, so a stop string may split across tokens anywhere (a Chinese character is often
-    several byte-level tokens); only the tail that could hold a new match is decoded each step."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_tokens: int, stop: list[str]):
-        self.tokenizer, self.prompt_tokens, self.stop = tokenizer, prompt_tokens, stop
-        self.window = 4 * max(map(len, stop)) + 4  # a character is at most 4 byte-level tokens
-        self.matched = False
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        tail = input_ids[0, max(self.prompt_tokens, input_ids.shape[1] - self.window):]
-        text = self.tokenizer.decode(tail, skip_special_tokens=True)
-        self.matched = self.matched or any(stop in text for stop in self.stop)
-        return torch.full((input_ids.shape[0],), self.matched, dtype=torch.bool, device=input_ids.device)
-
-
-class _SampleWith(LogitsProcessor):
-    """Draws the next token from the warped scores with a private generator and leaves only it
-    possible, so that greedy search picks it. A seeded reply then repeats even while other threads
-    sample: `torch.manual_seed` would reseed the one global generator they all draw from."""
-
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        chosen = torch.multinomial(torch.softmax(scores.float(), dim=-1), 1, generator=self.generator)
-        return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
-
-
-def _seeded_sampling(config: GenerationConfig, seed: int, device: torch.device) -> tuple[GenerationConfig, LogitsProcessorList]:
-    """`config`'s sampling, done by `_SampleWith` on a generator of its own seeded with `seed`."""
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(config.temperature)])
-    if config.top_k:
-        warpers.append(TopKLogitsWarper(config.top_k))
-    if config.top_p is not None and config.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(config.top_p))
-    warpers.append(_SampleWith(torch.Generator(device).manual_seed(seed)))
-    greedy = GenerationConfig(**{**config.to_dict(), "do_sample": False, "temperature": None, "top_p": None, "top_k": None})
-    return greedy, warpers
+def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                   top_k: int = 0) -> torch.Tensor:
+    """Replies to a left-padded batch of prompts through the decode loop, in the shape transformers'
+    `generate` returns: the prompts, then each row's tokens up to its end-of-turn id, padded after it.
+    temperature 0 = greedy; sampling draws from torch's global generator."""
+    return generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                    sampling=Sampling(temperature, top_k, top_p), stop_ids=tuple(stop_token_ids(model, tokenizer)),
+                    pad_token_id=tokenizer.pad_token_id)
 
 
 class ChatStream:
@@ -402,31 +407,33 @@ class ChatStream:
     `prompt_tokens`, `completion_ids` and `completion_tokens` (generated tokens, not counting the
     end-of-turn token) and `finish_reason`: "stop" (end of turn or a stop string), "length"
     (max_new_tokens reached) or "cancelled". The text ends before the first stop string. To stop
-    early (a client gone), `close()` it or iterate inside `with`."""
+    early, `close()` it or iterate inside `with`: the next token is then never computed."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
-                 config: GenerationConfig, seed: int | None, stop: list[str] | None = None):
-        self.model, self.tokenizer, self.input_ids, self.config, self.seed = model, tokenizer, input_ids, config, seed
-        self.stop = [text for text in stop or [] if text]
-        self.prompt_tokens = input_ids.shape[1]
-        self.completion_ids: list[int] = []
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self._cancel = threading.Event()
-        self._error: BaseException | None = None
+    def __init__(self, model: PreTrainedModel, sequence: Sequence):
+        self.model, self.sequence = model, sequence
         self._pieces = self._run()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.sequence.prompt)
+
+    @property
+    def completion_ids(self) -> list[int]:
+        return self.sequence.completion
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.sequence.completion)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.sequence.finish_reason
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
 
     def close(self) -> None:
-        """Stop generating (if still running) and wait for the generation thread to finish."""
         self._pieces.close()
-
-    def cancel(self) -> None:
-        """Ask the generation to stop after the current token, from any thread, without waiting
-        (`close()` must come from the thread that iterates)."""
-        self._cancel.set()
 
     def __enter__(self) -> "ChatStream":
         return self
@@ -435,57 +442,21 @@ class ChatStream:
         self.close()
 
     def _run(self) -> Iterator[str]:
-        # Generation runs in a thread and hands decoded text over a queue, so the caller can print
-        # (or send) each piece while the next token is computed.
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        worker = threading.Thread(target=self._generate, args=(streamer,), daemon=True)
-        worker.start()
-        held = ""  # the end of the text that could begin a stop string: shown once it cannot
+        # A piece is handed over between two decode steps, so the caller prints (or sends) it
+        # before the next token is computed, and leaving the loop stops the decoding there.
+        sequence = self.sequence
+        decoder = Decoder(self.model, slots=1, capacity=len(sequence.prompt) + sequence.max_new_tokens)
         try:
-            for piece in streamer:
-                held += piece
-                found = [held.find(stop) for stop in self.stop if stop in held]
-                if found:
-                    if min(found):
-                        yield held[:min(found)]
-                    break
-                keep = max((n for stop in self.stop for n in range(len(stop) - 1, 0, -1) if held.endswith(stop[:n])),
-                           default=0)
-                if len(held) > keep:
-                    yield held[:len(held) - keep]
-                    held = held[len(held) - keep:]
-            else:
-                if held:
-                    yield held
+            decoder.add([sequence])
+            while True:
+                piece = sequence.text.take()
+                if piece:
+                    yield piece
+                if not decoder.running:
+                    return
+                decoder.step()
         finally:
-            self._cancel.set()
-            worker.join()
-        if self._error is not None:
-            raise self._error
-
-    def _generate(self, streamer: TextIteratorStreamer) -> None:
-        criteria = StoppingCriteriaList([_StopWhenSet(self._cancel)])
-        stop_strings = _StopOnStrings(self.tokenizer, self.prompt_tokens, self.stop) if self.stop else None
-        if stop_strings:
-            criteria.append(stop_strings)
-        config, processors = self.config, LogitsProcessorList()
-        if self.seed is not None and config.do_sample:
-            config, processors = _seeded_sampling(config, self.seed, self.input_ids.device)
-        try:
-            output = self.model.generate(
-                self.input_ids, attention_mask=torch.ones_like(self.input_ids), generation_config=config,
-                streamer=streamer, stopping_criteria=criteria, logits_processor=processors)
-        except BaseException as error:  # handed to the reader, who would otherwise wait forever
-            self._error = error
-            streamer.end()
-            return
-        generated = output[0, self.prompt_tokens:].tolist()
-        stops = set(self.config.eos_token_id)
-        ended = bool(generated) and generated[-1] in stops
-        self.completion_ids = generated[:-1] if ended else generated
-        self.completion_tokens = len(self.completion_ids)
-        stopped = ended or (stop_strings is not None and stop_strings.matched)
-        self.finish_reason = "stop" if stopped else "length" if len(generated) >= self.config.max_new_tokens else "cancelled"
+            decoder.finish(sequence)  # "cancelled" when the reader left early; a no-op once ended
 
 
 def chat_stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messages: list[Message], *,
@@ -496,7 +467,7 @@ def chat_stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mess
     streaming text pieces. temperature 0 = greedy; `seed` makes sampling repeatable; the reply
     ends before the first of the `stop` strings."""
     prompt = render_prompt(tokenizer, messages, enable_thinking=enable_thinking, tools=tools)
-    input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
-    config = generation_config(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
-    return ChatStream(model, tokenizer, input_ids, config, seed, stop)
+    sequence = chat_sequence(model, tokenizer, tokenizer(prompt, add_special_tokens=False).input_ids,
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                             repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+    return ChatStream(model, sequence)

@@ -233,7 +233,11 @@ def attention_allowed(attention_mask: torch.Tensor | None, query_len: int, past_
     also carry document ids for packed rows (1, 1, 1, 2, 2, 3, ..., 0 = padding): a query then sees
     earlier keys of its own document only, so packing several documents into one row trains exactly
     as if each were alone. Every query also sees itself, so padding rows never become all -inf (NaN).
+    A 4-D boolean mask is already that matrix (model/generate.py's decode loop builds one from its
+    cache, as transformers' models accept one) and is used as it is.
     """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask
     no_padding = attention_mask is None or bool((attention_mask == 1).all())
     if no_padding and (past_len == 0 or query_len == 1):
         return None  # plain causal: SDPA's is_causal, or a single new query that sees every key

@@ -2,7 +2,7 @@
 can talk to a trained MiniMind (or to any chat model the shared loader opens).
 
     python scripts/serve_openai_api.py                                    # out/full_sft_512.pth on http://127.0.0.1:8998/v1
-    python scripts/serve_openai_api.py --load_from out/reason_512.pth --max_concurrency 2
+    python scripts/serve_openai_api.py --load_from out/reason_512.pth --max_batch_size 32
     python scripts/serve_openai_api.py --load_from path/to/Qwen2.5-0.5B-Instruct --host 0.0.0.0
     python scripts/chat_openai_api.py                                     # chat with it in the terminal
 
@@ -26,8 +26,9 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Union
 
@@ -40,7 +41,8 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from model.chat_format import THINK_OPEN, Event, PromptTooLong, ReplyParser, fit_history, render_prompt
-from model.loader import ChatStream, add_model_args, chat_stream, context_length, describe, load_from_args
+from model.generate import Decoder, Sequence
+from model.loader import add_model_args, chat_sequence, context_length, describe, load_from_args
 
 log = logging.getLogger("minimind.serve")
 
@@ -83,9 +85,32 @@ def validation_error(exc: RequestValidationError) -> ApiError:
 # The request, as the Chat Completions API defines it (fields it has and we don't use are accepted)
 # ---------------------------------------------------------------------------------------------
 
+def holds_lone_surrogate(value: Any) -> bool:
+    """Whether a JSON value holds a lone UTF-16 surrogate ("\\ud800"): valid JSON, but not text, so
+    no tokenizer can encode it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(holds_lone_surrogate(key) or holds_lone_surrogate(item) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(holds_lone_surrogate(item) for item in value)
+    return False
+
+
 class ApiModel(BaseModel):
     # strict: "0.5" is not a number and "yes" not a boolean, as for OpenAI; unknown fields pass.
     model_config = ConfigDict(strict=True, extra="allow")
+
+    @field_validator("*")
+    @classmethod
+    def text_is_text(cls, value: Any) -> Any:
+        if holds_lone_surrogate(value):
+            raise ValueError("the text holds a lone UTF-16 surrogate, which is not a character")
+        return value
 
 
 class TextPart(ApiModel):
@@ -187,69 +212,14 @@ FIELD_NAMES = {name for schema in (ChatCompletionRequest, ChatMessage, TextPart,
 
 
 # ---------------------------------------------------------------------------------------------
-# Admission: a bounded number of generations at once, a bounded queue behind them
-# ---------------------------------------------------------------------------------------------
-
-class Admission:
-    """At most `max_running` generations run at once and `max_waiting` more wait for a turn; a
-    request beyond that is refused (503) at once rather than queued without bound."""
-
-    def __init__(self, max_running: int, max_waiting: int):
-        self.slots = asyncio.Semaphore(max_running)
-        self.limit = max_running + max_waiting
-        self.admitted = self.running = 0
-
-    @property
-    def waiting(self) -> int:
-        return self.admitted - self.running
-
-    def admit(self) -> "Ticket":
-        if self.admitted >= self.limit:
-            raise ApiError(503, f"The server is busy ({self.running} requests generating, {self.waiting} waiting). "
-                                f"Try again shortly.", type="server_error", code="server_overloaded")
-        self.admitted += 1
-        return Ticket(self)
-
-
-class Ticket:
-    """One admitted request: waiting, then running (holding a slot), then done."""
-
-    def __init__(self, admission: Admission):
-        self.admission, self.state = admission, "waiting"
-
-    async def enter(self) -> None:
-        try:
-            await self.admission.slots.acquire()
-        except BaseException:  # the client left while waiting
-            self.leave()
-            raise
-        self.state = "running"
-        self.admission.running += 1
-
-    def leave(self) -> None:
-        if self.state == "running":
-            self.admission.running -= 1
-            self.admission.slots.release()
-        if self.state != "done":
-            self.admission.admitted -= 1
-            self.state = "done"
-
-    def abandon(self) -> None:
-        """For a response that never started: give the place back unless its generation runs."""
-        if self.state == "waiting":
-            self.leave()
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation: one ChatStream per request, in its own threads, bridged to asyncio
+# Generation: one scheduler thread owns the model and decodes every running request in one batch
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
 class Job:
-    """A validated request, its conversation fitted to the context."""
-    messages: list[dict]
+    """A validated request, its conversation fitted to the context and rendered to token ids."""
+    prompt_ids: list[int]
     tools: list[dict] | None
-    enable_thinking: bool | None
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -269,6 +239,119 @@ class Finished:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+@dataclass(eq=False)
+class Reply:
+    """An admitted request as the scheduler and its HTTP response share it: the scheduler puts text
+    pieces on `queue`, then Finished (or the exception that stopped it); the response sets
+    `cancelled` when its client leaves."""
+    sequence: Sequence
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone: the server is shutting down
+            self.cancelled = True
+
+
+class Scheduler:
+    """Continuous batching: the one owner of the model. Each turn of its loop, requests whose client
+    left give up their slot; waiting requests take the free slots and are prefilled together in one
+    forward pass; then one forward pass decodes one token for every running request, and each
+    request's new text goes to its queue. A request therefore joins the batch one step after it
+    arrives and leaves it the step it ends, instead of waiting for a whole batch to finish.
+
+    At most `max_batch_size` requests run and `max_waiting` more wait; `submit` refuses beyond that
+    (429). The KV cache is allocated once, `max_batch_size` x `capacity` tokens."""
+
+    def __init__(self, model, max_batch_size: int, max_waiting: int, capacity: int):
+        self.decoder = Decoder(model, slots=max_batch_size, capacity=capacity)
+        self.max_waiting = max_waiting
+        self.waiting: deque[Reply] = deque()
+        self.active: list[Reply] = []  # prefilled: running, or ended and not yet published
+        self.admitted = 0
+        self.counts = {"finished": 0, "cancelled": 0, "completion_tokens": 0}
+        self.wake = threading.Condition()
+        threading.Thread(target=self._run, name="scheduler", daemon=True).start()
+
+    def submit(self, sequence: Sequence) -> Reply:
+        """Queue `sequence` for the next turn (from the event loop)."""
+        with self.wake:
+            if self.admitted >= self.decoder.slots + self.max_waiting:
+                raise ApiError(429, f"The server is busy ({len(self.decoder.running)} requests generating, "
+                                    f"{len(self.waiting)} waiting). Try again shortly.",
+                               type="server_error", code="server_overloaded")
+            reply = Reply(sequence, asyncio.get_running_loop())
+            self.admitted += 1
+            self.waiting.append(reply)
+            self.wake.notify()
+        return reply
+
+    def cancel(self, reply: Reply) -> None:
+        """The client left: its slot is freed before the next step (a no-op once it has ended)."""
+        with self.wake:
+            reply.cancelled = True
+            self.wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while not self.waiting and not self.active:
+                    self.wake.wait()
+                for reply in [r for r in self.waiting if r.cancelled]:
+                    self.waiting.remove(reply)
+                    self._retire(reply, "cancelled")
+                joining = [self.waiting.popleft() for _ in range(min(self.decoder.free_slots, len(self.waiting)))]
+            for reply in [r for r in self.active if r.cancelled]:
+                self.decoder.finish(reply.sequence)
+            try:
+                self.active += joining
+                self.decoder.add([reply.sequence for reply in joining])
+                self._publish()
+                self.decoder.step()
+                self._publish()
+            except Exception as error:  # every request of the batch gets it; the model stays usable
+                log.exception("generation failed")
+                for reply in self.active:
+                    self.decoder.finish(reply.sequence)
+                    reply.put(error)
+                    self._retire(reply, None)
+                self.active = []
+
+    def _publish(self) -> None:
+        """Hand each active request its new text; those that ended get Finished and leave."""
+        still_active = []
+        for reply in self.active:
+            sequence = reply.sequence
+            piece = sequence.text.take()
+            if piece:
+                reply.put(piece)
+            if sequence.finish_reason is None:
+                still_active.append(reply)
+                continue
+            reply.put(Finished(sequence.finish_reason, len(sequence.prompt), len(sequence.completion)))
+            self._retire(reply, sequence.finish_reason)
+        self.active = still_active
+
+    def _retire(self, reply: Reply, reason: str | None) -> None:
+        with self.wake:
+            self.admitted -= 1
+        if reason is None:
+            return
+        tokens, seconds = len(reply.sequence.completion), time.perf_counter() - reply.started
+        self.counts["cancelled" if reason == "cancelled" else "finished"] += 1
+        self.counts["completion_tokens"] += tokens
+        log.info("%d prompt + %d completion tokens, %s, %.1f tokens/s", len(reply.sequence.prompt), tokens, reason,
+                 tokens / max(seconds, 1e-9))
+
+    def health(self) -> dict:
+        return {"running": len(self.decoder.running), "waiting": len(self.waiting),
+                "free_slots": self.decoder.free_slots, "max_batch_size": self.decoder.slots, **self.counts}
+
+
 @dataclass
 class Defaults:
     """What a request that leaves a setting out gets."""
@@ -279,107 +362,77 @@ class Defaults:
 
 
 class ChatService:
-    """The model and its tokenizer, shared read-only. Each request gets its own ChatStream (its own
-    generation thread, KV cache and random generator), so no generation state is shared."""
+    """Checks requests against the model and streams their replies from the scheduler."""
 
-    def __init__(self, model, tokenizer, name: str, defaults: Defaults, admission: Admission):
-        self.model, self.tokenizer, self.name, self.defaults, self.admission = model, tokenizer, name, defaults, admission
-        self.counts = {"finished": 0, "cancelled": 0, "completion_tokens": 0}
+    def __init__(self, model, tokenizer, name: str, defaults: Defaults, max_batch_size: int = 16,
+                 max_waiting: int = 64, max_model_len: int = 4096):
+        self.model, self.tokenizer, self.name, self.defaults = model, tokenizer, name, defaults
+        self.context = min(context_length(model), max_model_len)
+        self.scheduler = Scheduler(model, max_batch_size, max_waiting, self.context)
 
     def prepare(self, body: ChatCompletionRequest) -> Job:
         """The request checked against the model, and its conversation fitted to the context by
         dropping the oldest whole turns. Raises ApiError (400)."""
         max_new_tokens = body.max_completion_tokens or body.max_tokens or self.defaults.max_tokens
-        context = context_length(self.model)
-        if max_new_tokens >= context:
-            raise ApiError(400, f"max_tokens ({max_new_tokens}) leaves no room for a prompt in this model's "
-                                f"{context}-token context", param="max_tokens", code="invalid_value")
+        if max_new_tokens >= self.context:
+            raise ApiError(400, f"max_tokens ({max_new_tokens}) leaves no room for a prompt in this server's "
+                                f"{self.context}-token context", param="max_tokens", code="invalid_value")
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools and body.tool_choice != "none" else None
         enable_thinking = body.thinking()
         messages = [message.for_template() for message in body.messages]
         if self.defaults.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.defaults.system_prompt})
         try:
-            fitted = fit_history(self.tokenizer, messages, context - max_new_tokens, enable_thinking=enable_thinking, tools=tools)
+            fitted = fit_history(self.tokenizer, messages, self.context - max_new_tokens, enable_thinking=enable_thinking,
+                                 tools=tools)
+            prompt = render_prompt(self.tokenizer, fitted, enable_thinking=enable_thinking, tools=tools)
+            ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
         except PromptTooLong as error:
-            raise ApiError(400, f"This model's maximum context length is {context} tokens and max_tokens is "
+            raise ApiError(400, f"This model's maximum context length is {self.context} tokens and max_tokens is "
                                 f"{max_new_tokens}: {error}. Shorten the last message or lower max_tokens.",
                            param="messages", code="context_length_exceeded") from None
+        except Exception as error:  # anything the chat template or the tokenizer cannot take is the request's fault
+            param = "tools" if tools else "messages"
+            raise ApiError(400, f"Invalid value for '{param}': the chat template or tokenizer cannot take it "
+                                f"({type(error).__name__}: {error})", param=param, code="invalid_value") from None
         if len(fitted) < len(messages):
             log.info("dropped the oldest %d of %d messages to fit the context", len(messages) - len(fitted), len(messages))
-        prompt = render_prompt(self.tokenizer, fitted, enable_thinking=enable_thinking, tools=tools)
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-        return Job(messages=fitted, tools=tools, enable_thinking=enable_thinking, max_new_tokens=max_new_tokens,
+        return Job(prompt_ids=ids, tools=tools, max_new_tokens=max_new_tokens,
                    temperature=self.defaults.temperature if body.temperature is None else body.temperature,
                    top_p=self.defaults.top_p if body.top_p is None else body.top_p, seed=body.seed,
                    stop=[text for text in stop if text],
                    starts_thinking=prompt.rstrip().endswith(THINK_OPEN))  # templates that open the think block themselves
 
-    async def reply(self, job: Job, ticket: Ticket, request: Request) -> AsyncIterator[Event | Finished]:
-        """The reply's events, then Finished. Waits for a slot first. Generation and parsing run in
-        threads; the client leaving (a cancelled response, or a disconnect seen between events)
-        cancels the generation, which frees the slot when it has stopped."""
-        await ticket.enter()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        try:
-            stream = chat_stream(self.model, self.tokenizer, job.messages, max_new_tokens=job.max_new_tokens,
-                                 temperature=job.temperature, top_p=job.top_p, enable_thinking=job.enable_thinking,
-                                 tools=job.tools, seed=job.seed, stop=job.stop)
-            worker = threading.Thread(target=self._generate, args=(stream, job, ticket, loop, queue), daemon=True)
-            worker.start()
-        except BaseException:
-            ticket.leave()
-            raise
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if isinstance(item, Finished) or await request.is_disconnected():
-                    return
-        finally:
-            stream.cancel()  # no-op when it has finished
+    def submit(self, job: Job) -> Reply:
+        return self.scheduler.submit(chat_sequence(
+            self.model, self.tokenizer, job.prompt_ids, max_new_tokens=job.max_new_tokens, temperature=job.temperature,
+            top_p=job.top_p, seed=job.seed, stop=job.stop))
 
-    def _generate(self, stream: ChatStream, job: Job, ticket: Ticket, loop: asyncio.AbstractEventLoop,
-                  queue: asyncio.Queue) -> None:
-        def put(item) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop is gone: the server is shutting down
-                stream.cancel()
-
-        start = time.perf_counter()
+    async def events(self, job: Job, reply: Reply, request: Request) -> AsyncIterator[Event | Finished]:
+        """The reply's parsed events (model/chat_format.py reads <think> and <tool_call>), then
+        Finished. The client leaving (a cancelled response, or a disconnect seen between events)
+        frees the request's slot before the scheduler's next step."""
         parser = ReplyParser(parse_tools=job.tools is not None, starts_thinking=job.starts_thinking)
         try:
-            with stream:
-                for piece in stream:
-                    for event in parser.feed(piece):
-                        put(event)
-            for event in parser.finish():
-                put(event)
-            put(Finished(stream.finish_reason, stream.prompt_tokens, stream.completion_tokens))
-        except BaseException as error:
-            put(error)
+            while True:
+                item = await reply.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, Finished):
+                    for event in parser.finish():
+                        yield event
+                    yield item
+                    return
+                for event in parser.feed(item):
+                    yield event
+                if await request.is_disconnected():
+                    return
         finally:
-            seconds = time.perf_counter() - start
-            try:
-                loop.call_soon_threadsafe(self._done, stream, ticket, seconds)
-            except RuntimeError:
-                pass
-
-    def _done(self, stream: ChatStream, ticket: Ticket, seconds: float) -> None:
-        """On the event loop, once a generation has stopped: free its slot and count it."""
-        ticket.leave()
-        self.counts["cancelled" if stream.finish_reason == "cancelled" else "finished"] += 1
-        self.counts["completion_tokens"] += stream.completion_tokens
-        log.info("%d prompt + %d completion tokens, %s, %.1f tokens/s", stream.prompt_tokens, stream.completion_tokens,
-                 stream.finish_reason, stream.completion_tokens / max(seconds, 1e-9))
+            self.scheduler.cancel(reply)
 
     def health(self) -> dict:
-        return {"status": "ok", "model": self.name, "running": self.admission.running,
-                "waiting": self.admission.waiting, **self.counts}
+        return {"status": "ok", "model": self.name, **self.scheduler.health()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,11 +443,11 @@ def finish_reason(finished: Finished, tool_calls: bool) -> str:
     return "tool_calls" if tool_calls and finished.finish_reason == "stop" else finished.finish_reason
 
 
-async def complete(service: ChatService, job: Job, ticket: Ticket, request: Request, reply_id: str, created: int) -> Response:
+async def complete(service: ChatService, job: Job, reply: Reply, request: Request, reply_id: str, created: int) -> Response:
     texts: dict[str, list[str]] = {"content": [], "reasoning": []}
     tool_calls: list[dict] = []
     finished = None
-    async with aclosing(service.reply(job, ticket, request)) as events:
+    async with aclosing(service.events(job, reply, request)) as events:
         async for event in events:
             if isinstance(event, Finished):
                 finished = event
@@ -417,7 +470,7 @@ async def complete(service: ChatService, job: Job, ticket: Ticket, request: Requ
         "usage": finished.usage()})
 
 
-async def stream_chunks(service: ChatService, job: Job, ticket: Ticket, request: Request, reply_id: str, created: int,
+async def stream_chunks(service: ChatService, job: Job, reply: Reply, request: Request, reply_id: str, created: int,
                         include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: the role first, then the reply as deltas, a last chunk with the
     finish_reason, the usage chunk (when asked for), and `data: [DONE]`."""
@@ -431,7 +484,7 @@ async def stream_chunks(service: ChatService, job: Job, ticket: Ticket, request:
     yield chunk({"role": "assistant", "content": ""})
     tool_calls = 0
     try:
-        async with aclosing(service.reply(job, ticket, request)) as events:
+        async with aclosing(service.events(job, reply, request)) as events:
             async for event in events:
                 if isinstance(event, Finished):
                     yield chunk({}, finish_reason(event, tool_calls > 0))
@@ -484,21 +537,21 @@ def create_app(service: ChatService) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         job = await asyncio.to_thread(service.prepare, body)  # rendering long conversations takes a moment
-        ticket = service.admission.admit()
+        reply = service.submit(job)
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
             try:
-                return await complete(service, job, ticket, request, reply_id, created)
+                return await complete(service, job, reply, request, reply_id, created)
             finally:
-                ticket.abandon()
+                service.scheduler.cancel(reply)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def abandon() -> None:  # async: runs on the event loop, which owns the admission counts
-            ticket.abandon()
+        async def cancel() -> None:  # for a response that never started; a no-op once the reply ended
+            service.scheduler.cancel(reply)
 
-        return StreamingResponse(stream_chunks(service, job, ticket, request, reply_id, created, include_usage),
+        return StreamingResponse(stream_chunks(service, job, reply, request, reply_id, created, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                                 background=BackgroundTask(abandon))
+                                 background=BackgroundTask(cancel))
 
     return app
 
@@ -517,16 +570,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--port", type=int, default=8998, help="(default: 8998)")
     server.add_argument("--served_model_name", default=None,
                         help="the model id in /v1/models and in replies (default: the weight file or directory name)")
-    server.add_argument("--max_concurrency", type=int, default=4, help="generations running at once (default: 4)")
+    server.add_argument("--max_batch_size", type=int, default=16,
+                        help="requests decoded together, each step one forward pass for all (default: 16)")
     server.add_argument("--max_queue", type=int, default=64,
-                        help="requests waiting for a turn; beyond that the server answers 503 (default: 64)")
+                        help="requests waiting for a slot; beyond that the server answers 429 (default: 64)")
+    server.add_argument("--max_model_len", type=int, default=4096,
+                        help="tokens per request, prompt + reply (at most the model's context); with "
+                             "--max_batch_size it bounds the KV cache (default: 4096)")
     defaults = parser.add_argument_group("defaults for requests that leave these out")
     defaults.add_argument("--max_tokens", type=int, default=Defaults.max_tokens, help=f"(default: {Defaults.max_tokens})")
     defaults.add_argument("--temperature", type=float, default=Defaults.temperature, help=f"0 = greedy (default: {Defaults.temperature})")
     defaults.add_argument("--top_p", type=float, default=Defaults.top_p, help=f"(default: {Defaults.top_p})")
     args = parser.parse_args(argv)
-    if args.max_concurrency < 1 or args.max_queue < 0:
-        parser.error("--max_concurrency must be at least 1 and --max_queue at least 0")
+    if args.max_batch_size < 1 or args.max_queue < 0 or args.max_model_len < 2:
+        parser.error("--max_batch_size must be at least 1, --max_queue at least 0, --max_model_len at least 2")
     return args
 
 
@@ -540,9 +597,12 @@ def main(argv: list[str] | None = None) -> None:
     log.info("loaded %s", describe(model))
     service = ChatService(model, tokenizer, args.served_model_name or served_name(model),
                           Defaults(args.max_tokens, args.temperature, args.top_p, args.system_prompt),
-                          Admission(args.max_concurrency, args.max_queue))
+                          args.max_batch_size, args.max_queue, args.max_model_len)
+    cache = service.scheduler.decoder.cache
+    log.info("KV cache: %d slots x %d tokens = %.1f MiB (--max_batch_size x --max_model_len)", args.max_batch_size,
+             cache.capacity, cache.nbytes / 2**20)
     log.info("serving '%s' on http://%s:%d/v1 (%d at once, %d waiting)", service.name, args.host, args.port,
-             args.max_concurrency, args.max_queue)
+             args.max_batch_size, args.max_queue)
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
 
 

@@ -126,6 +126,27 @@ def test_any_transformers_chat_model_loads(qwen_dir):
     assert len("".join(stream)) > 0 and stream.finish_reason in ("stop", "length")
 
 
+def test_int8_layers_compute_the_dequantized_matmul_and_keep_the_logits(weights_dir):
+    """Each int8 layer equals x @ (scale * int8)^T (up to its bf16 activations), and the model's
+    next-token choice survives quantization on almost every position."""
+    path = str(weights_dir / "full_sft_64.pth")
+    exact, _ = load_model_and_tokenizer(path, device="cpu", dtype="float32")
+    quantized, _ = load_from_args(eval_llm.parse_args(["--load_from", path, "--device", "cpu", "--dtype", "float32",
+                                                       "--quantize", "int8"]))
+    layer = quantized.model.layers[0].mlp.up_proj
+    assert type(layer).__name__ == "Int8Linear" and layer.weight_int8.dtype == torch.int8
+    x = torch.randn(3, 64)
+    dequantized = layer.weight_int8.float() * layer.scale.float()[:, None]
+    torch.testing.assert_close(layer(x), x.bfloat16().float() @ dequantized.T, rtol=2e-2, atol=2e-2)
+    weight = exact.model.layers[0].mlp.up_proj.weight.detach()
+    # half a step of rounding, plus the scale's own bf16 rounding (2^-9 relative)
+    assert ((dequantized - weight).abs() <= layer.scale.float()[:, None] / 2 + weight.abs() * 2 ** -8).all()
+    ids = torch.randint(3, 6400, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        agree = (exact(ids).logits.argmax(-1) == quantized(ids).logits.argmax(-1)).float().mean()
+    assert agree >= 0.9
+
+
 def test_missing_source_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_model_and_tokenizer(str(tmp_path / "nowhere"), device="cpu")

@@ -188,7 +188,7 @@ def test_sample_masks_each_response_after_its_end_of_turn(tokenizer, monkeypatch
     prompt = {"input_ids": torch.tensor([[PAD, 5, 6], [7, 8, 9]]), "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
               "prompt": ["p0", "p1"], "answer": ["3", ""]}
     generated = torch.tensor([[PAD, 5, 6, 18, EOS, PAD, PAD], [7, 8, 9, 18, 19, 20, 21]])
-    monkeypatch.setattr(model, "generate", lambda **kwargs: generated)
+    monkeypatch.setattr(rl.loader, "generate_batch", lambda *args, **kwargs: generated)
     args = SimpleNamespace(max_gen_len=4, temperature=1.0, top_p=1.0)
     rollout = rl.sample(model, tokenizer, prompt, args, SimpleNamespace(device=torch.device("cpu"),
                                                                        autocast=contextlib.nullcontext))

@@ -6,6 +6,7 @@ Answers are checked against transformers' own `generate` and the tokenizer's own
 import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -25,7 +26,6 @@ from model.chat_format import render_prompt
 from model.loader import load_model_and_tokenizer
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from scripts import chat_openai_api, serve_openai_api
-from scripts.serve_openai_api import Admission, ApiError
 from conftest import save_tiny_qwen2
 from model.weights import save_weights
 
@@ -159,7 +159,8 @@ def models(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def servers(models, tokenizer):
     """All three servers start at once (they load while the scripted model trains here)."""
-    started = {"random": Server(models["random"], "--max_concurrency", "4", "--max_queue", "16"),
+    started = {"random": Server(models["random"], "--max_batch_size", "16", "--max_queue", "64"),
+               "one_slot": Server(models["random"], "--max_batch_size", "1", "--max_queue", "1"),
                "qwen2": Server(models["qwen2"])}
     try:
         started["scripted"] = Server(train_scripted_minimind(models["random"].parent, tokenizer))
@@ -172,6 +173,11 @@ def servers(models, tokenizer):
 @pytest.fixture(scope="module")
 def random_server(servers) -> Server:
     return servers["random"].ready()
+
+
+@pytest.fixture(scope="module")
+def one_slot_server(servers) -> Server:
+    return servers["one_slot"].ready()
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +311,70 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(random_server):
     assert health["running"] == 0
 
 
+def test_a_client_that_leaves_frees_its_slot_for_the_next_request(one_slot_server):
+    """One slot and one place in the queue: a third request is refused (429) while the first runs
+    and the second waits; the first client leaving lets the second start at once."""
+    client = one_slot_server.client()
+    with client.chat.completions.create(model="m", messages=QUESTION, max_tokens=2000, temperature=0, stream=True) as first:
+        next(iter(first))
+        waiting = AsyncOpenAI(base_url=one_slot_server.base_url, api_key="unused", max_retries=0)
+
+        async def second_and_third() -> tuple[float, int]:
+            second = asyncio.create_task(waiting.chat.completions.create(model="m", messages=QUESTION, max_tokens=4,
+                                                                         temperature=0))
+            while one_slot_server.health()["waiting"] == 0:
+                await asyncio.sleep(0.05)
+            with pytest.raises(openai.RateLimitError) as refused:
+                await waiting.chat.completions.create(model="m", messages=QUESTION, max_tokens=4, temperature=0)
+            await asyncio.sleep(1.0)
+            assert not second.done()  # it waits for the one slot
+            first.close()
+            left = time.monotonic()
+            reply = await second
+            return time.monotonic() - left, refused.value.status_code, reply.usage.completion_tokens
+
+        seconds, status, tokens = asyncio.run(second_and_third())
+    assert status == 429 and tokens == 4
+    assert seconds < 5  # the 2000-token first reply would take far longer
+    health = one_slot_server.health()
+    assert (health["running"], health["waiting"], health["free_slots"]) == (0, 0, 1)
+
+
+def test_64_requests_with_random_disconnects_leak_no_slot(random_server, reference, tokenizer):
+    """Half the clients leave after a random number of chunks; afterwards every slot is free, every
+    request was counted once, and a greedy answer is still transformers' answer."""
+    rng = random.Random(0)
+    before = random_server.health()
+    plans = [(rng.randint(4, 40), rng.choice([None, 0, 1, 3, 8])) for _ in range(64)]
+
+    async def one(async_client, max_tokens: int, leave_after: int | None) -> None:
+        stream = await async_client.chat.completions.create(model="m", messages=QUESTION, max_tokens=max_tokens,
+                                                            temperature=1.0, stream=True)
+        async with stream:
+            chunks = 0
+            async for _ in stream:
+                chunks += 1
+                if leave_after is not None and chunks > leave_after:
+                    break
+
+    async def all_at_once():
+        async with AsyncOpenAI(base_url=random_server.base_url, api_key="unused", max_retries=0) as async_client:
+            await asyncio.gather(*(one(async_client, *plan) for plan in plans))
+
+    asyncio.run(all_at_once())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health = random_server.health()
+        counted = health["finished"] + health["cancelled"] - before["finished"] - before["cancelled"]
+        if counted == 64 and health["running"] == 0:
+            break
+        time.sleep(0.1)
+    assert counted == 64 and (health["running"], health["waiting"], health["free_slots"]) == (0, 0, 16)
+    assert health["cancelled"] > before["cancelled"]
+    reply = random_server.client().chat.completions.create(model="m", messages=QUESTION, max_tokens=12, temperature=0)
+    assert reply.choices[0].message.content == greedy(reference, tokenizer, QUESTION, 12)[0]
+
+
 # --- the context --------------------------------------------------------------------------------
 
 def test_long_conversations_lose_whole_old_turns(random_server, tokenizer):
@@ -344,6 +414,14 @@ def test_a_last_turn_longer_than_the_context_is_refused(random_server):
     ({"messages": QUESTION, "stream": "yes"}, "stream"),
     ({"messages": QUESTION, "stop": 7}, "stop"),
     ({"messages": QUESTION, "n": 2}, "n"),
+    # a lone UTF-16 surrogate is valid JSON but no text a tokenizer can encode
+    ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, "messages[0].content[0].text"),
+    ({"messages": QUESTION, "stop": ["\ud800"]}, "stop"),
+    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f", "description": "\ud800"}}]},
+     "tools[0].function.description"),
+    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"\ud800": 1}}}]},
+     "tools[0].function.parameters"),
 ])
 def test_bad_requests_get_a_400_with_an_openai_error_body(random_server, body, param):
     status, answer = random_server.post(body)
@@ -404,27 +482,6 @@ def test_tool_results_and_thinking_switch_render_through_the_template(scripted_s
     assert reply.usage.prompt_tokens == prompt_tokens(tokenizer, WEATHER_QUESTION, enable_thinking=False)
 
 
-def test_admission_bounds_running_and_waiting_requests():
-    async def scenario():
-        admission = Admission(max_running=1, max_waiting=1)
-        first, second = admission.admit(), admission.admit()
-        with pytest.raises(ApiError) as refused:
-            admission.admit()
-        assert refused.value.status == 503 and refused.value.body["code"] == "server_overloaded"
-        await first.enter()
-        waiting = asyncio.create_task(second.enter())
-        await asyncio.sleep(0.01)
-        assert not waiting.done() and (admission.running, admission.waiting) == (1, 1)
-        first.leave()
-        await asyncio.wait_for(waiting, 1)
-        second.abandon()  # running: abandoning leaves it to its generation
-        assert admission.running == 1
-        second.leave()
-        assert (admission.running, admission.waiting, admission.admitted) == (0, 0, 0)
-
-    asyncio.run(scenario())
-
-
 # --- other models, curl, the client, --help -----------------------------------------------------
 
 def test_a_qwen2_directory_is_served(qwen2_server, tokenizer):
@@ -463,7 +520,7 @@ def test_the_chat_client_thinking_flag_and_its_alias(argv, thinking, stream):
     assert (args.open_thinking, args.stream) == (thinking, stream)
 
 
-@pytest.mark.parametrize("script, flag", [(serve_openai_api, "--max_concurrency"), (chat_openai_api, "--base_url")])
+@pytest.mark.parametrize("script, flag", [(serve_openai_api, "--max_batch_size"), (chat_openai_api, "--base_url")])
 def test_help(script, flag, capsys):
     with pytest.raises(SystemExit) as exited:
         script.parse_args(["--help"])

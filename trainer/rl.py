@@ -7,7 +7,7 @@ Each RL stage repeats one step:
 
 The stage files hold their advantage and their loss. This module holds the rest, once:
 
-* `sample`: batched sampling from the policy with the KV cache (`model.generate`). Prompts come
+* `sample`: batched sampling from the policy with our decode loop (`model/generate.py`). Prompts come
   left-padded, so every row continues at the same column; the attention mask hides the padding and
   positions count real tokens only. `Rollout.response_mask` covers each response up to and including
   its end-of-turn token.
@@ -201,16 +201,17 @@ def sample(model: torch.nn.Module, tokenizer, batch: dict, args: argparse.Namesp
     device = runtime.device
     prompt_ids = batch["input_ids"].to(device).repeat_interleave(num_generations, 0)
     prompt_mask = batch["attention_mask"].to(device).repeat_interleave(num_generations, 0)
-    config = loader.generation_config(model, tokenizer, max_new_tokens=args.max_gen_len,
-                                      temperature=args.temperature, top_p=args.top_p)
     was_training = model.training
     model.eval()
     with runtime.autocast():
-        # generate() derives position ids from the attention mask, so left padding shifts nothing.
-        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+        # The decode loop of model/generate.py: each row decodes at its own position, so left padding
+        # shifts nothing. It samples from torch's global generator (seeded by --seed, its state saved
+        # for resume), one draw per step for the rows still running, so a run repeats exactly.
+        sequences = loader.generate_batch(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens=args.max_gen_len,
+                                          temperature=args.temperature, top_p=args.top_p)
     model.train(was_training)
     responses = sequences[:, prompt_ids.shape[1]:]
-    is_stop = torch.isin(responses, torch.tensor(config.eos_token_id, device=device))
+    is_stop = torch.isin(responses, torch.tensor(loader.stop_token_ids(model, tokenizer), device=device))
     after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0  # strictly after the first stop token
     response_mask = (~after_stop).long()
     text_lengths = response_mask.sum(-1) - is_stop.any(-1).long()  # the stop token itself is not text
