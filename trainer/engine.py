@@ -946,11 +946,12 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
 
-    def rank_resume_path(self) -> Path:
+    def rank_resume_path(self, rank: int | None = None) -> Path:
         """Each process saves its own resume state (its RNG and data position differ)."""
-        if self.runtime.rank == 0:
+        rank = self.runtime.rank if rank is None else rank
+        if rank == 0:
             return self.resume_path
-        return self.resume_path.with_name(f"{self.resume_path.stem}_rank{self.runtime.rank}.pth")
+        return self.resume_path.with_name(f"{self.resume_path.stem}_rank{rank}.pth")
 
     def save(self) -> None:
         """Weights for users (rank 0) and each rank's resume state; the state it replaces is kept as
@@ -1020,18 +1021,72 @@ class Trainer:
                                f"{[sorted(steps) for steps in held]}); all go back to step {step}")
         return mine[step]
 
+    def saved_process_count(self) -> int | None:
+        """How many processes wrote rank 0's latest resume state; None when there is none."""
+        for candidate in (self.resume_path, previous_version(self.resume_path)):
+            if candidate.exists():
+                return torch.load(candidate, map_location="cpu", weights_only=False, mmap=True)["world_size"]
+        return None
+
+    def resume_files_of_every_rank(self, world_size: int) -> list[Path]:
+        """The resume file of each rank of a run on `world_size` processes, at the latest step all of
+        them hold (`agreed_resume_file`'s rule, read here from every rank's files: a run continuing on
+        another process count needs all of them)."""
+        held = []
+        for rank in range(world_size):
+            path = self.rank_resume_path(rank)
+            held.append({torch.load(candidate, map_location="cpu", weights_only=False, mmap=True)["step"]: candidate
+                         for candidate in (previous_version(path), path) if candidate.exists()})
+        common = set.intersection(*(set(files) for files in held))
+        if not common:
+            sys.exit(f"error: no step for which every one of the {world_size} saved processes has a resume state "
+                     f"in {self.resume_path.parent}")
+        return [files[max(common)] for files in held]
+
+    def continue_on_another_process_count(self, states: list[dict]) -> None:
+        """Take over a run saved by `len(states)` processes (one resume state per rank) on this run's
+        count, as MiniMind does: the saved step becomes the number of steps the same rows take here
+        (a step takes world_size x batch x accumulation rows), so the LR schedule, planned over this
+        count's steps, stands where it stood; the data goes on with the items no saved rank trained
+        (`PackedBatches.load_rank_states`); rank r takes saved rank r's RNG and other state objects,
+        and a rank the saved run did not have keeps its fresh seed."""
+        saved = len(states)
+        self.step = self.step * saved // self.runtime.world_size
+        self.state_objects["data"].load_rank_states([state["objects"]["data"] for state in states])
+        mine = states[min(self.runtime.rank, saved - 1)]
+        for name, obj in self.state_objects.items():
+            if name != "data":
+                obj.load_state_dict(mine["objects"][name])
+        if self.runtime.rank < saved:
+            self.restore_rng(mine["rng"])
+        self.runtime.print(f"the run was saved by {saved} process(es), this one has {self.runtime.world_size}: "
+                           f"its step {states[0]['step']} is step {self.step} here, and the epoch goes on with the "
+                           f"documents no process has trained")
+
+    @staticmethod
+    def restore_rng(rng: dict) -> None:
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
     def load_resume(self) -> bool:
         """Load the resume checkpoint if `--from_resume 1` and one exists (never a half-written one:
         saves are atomic renames, and only the final names are read). A run asked for more epochs
         than it was saved with keeps its step and plans the LR schedule over the new length."""
         if not self.args.from_resume:
             return False
-        path = self.agreed_resume_file()
+        saved_world_size = self.saved_process_count()
+        moved = saved_world_size not in (None, self.runtime.world_size)  # saved on another process count
+        rank_files = self.resume_files_of_every_rank(saved_world_size) if moved else []
+        path = rank_files[0] if moved else self.agreed_resume_file()
         if path is None:
             return False
+        if moved and self.zero is not None:
+            sys.exit(f"error: {path} was written by {saved_world_size} DeepSpeed processes, this run has "
+                     f"{self.runtime.world_size}; a ZeRO run resumes on the process count it was saved with")
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["world_size"] != self.runtime.world_size:
-            sys.exit(f"error: {path} was written by {state['world_size']} processes, this run has {self.runtime.world_size}")
         if ("zero_checkpoint" in state) != (self.zero is not None):
             sys.exit(f"error: {path} was written {'with' if 'zero_checkpoint' in state else 'without'} --deepspeed; "
                      f"resume it the same way")
@@ -1044,17 +1099,17 @@ class Trainer:
         for key in ("step", "epoch", "tokens", "elapsed", "skipped_steps"):
             setattr(self, key, state[key])
         saved_epochs = state.get("epochs", self.args.epochs)
-        if saved_epochs == self.args.epochs:
+        if saved_epochs == self.args.epochs and not moved:
             self.total_steps = state["total_steps"]
         self.epochs_completed = state.get("epochs_completed", 0)
         self.logger_id = state["logger_id"]
-        for name, obj in self.state_objects.items():
-            obj.load_state_dict(state["objects"][name])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if moved:
+            self.continue_on_another_process_count(
+                [state, *(torch.load(file, map_location="cpu", weights_only=False) for file in rank_files[1:])])
+        else:
+            for name, obj in self.state_objects.items():
+                obj.load_state_dict(state["objects"][name])
+            self.restore_rng(state["rng"])
         if state["dtype"] != str(self.runtime.dtype).removeprefix("torch."):
             self.runtime.print(f"note: resuming a {state['dtype']} run in {self.runtime.dtype}")
         self.mid_epoch = self.epochs_completed <= self.epoch
