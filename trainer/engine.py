@@ -654,9 +654,9 @@ class ZeroEngine:
             sys.exit(f"error: no DeepSpeed checkpoint {directory / self.tag(step)}")
 
     def prune(self, directory: Path, keep_steps: set[int]) -> None:
-        """Remove the checkpoints no resume state points to any more."""
+        """Remove the checkpoints no resume state points to any more, and what a kill left of a save."""
         if self.is_main:
-            for old in directory.glob("step*"):
+            for old in [*directory.glob("step*"), *directory.glob(".step*.tmp")]:
                 if old.name not in {self.tag(step) for step in keep_steps}:
                     shutil.rmtree(old)
 
