@@ -548,6 +548,8 @@ class PackedBatches:
     Iterating yields the rest of the current epoch and then moves to the next, so
     `for epoch in range(loader.epoch, epochs): for batch in loader: ...` resumes correctly.
     `state_dict()` after any batch, loaded into a fresh instance, continues with the identical batches.
+    The states of every rank of a run on another number of processes load with `load_rank_states`:
+    the rest of the epoch is the items none of them trained, shared out anew.
 
     With torch.distributed initialised and `world_size > 1`, packed ranks end each epoch together when
     the first runs out of rows (ranks hold different token counts; the rest of the epoch is skipped),
@@ -564,33 +566,62 @@ class PackedBatches:
         self.pad_token_id = getattr(dataset, "pad_token_id", 0)
         self.collate = pack_rows if self.pack else getattr(dataset, "collate", JsonlDataset.collate)
         self.epoch, self.position, self.buffer = 0, 0, []
+        self.remaining: list[int] | None = None  # this epoch's order after a resume on another process count
         self._estimate = None
 
     # -- order --------------------------------------------------------------------------------
 
+    def epoch_order(self, epoch: int, remaining: list[int] | None = None) -> np.ndarray:
+        """Every item of `epoch` in the order the ranks share it out; `remaining` (what a run on another
+        number of processes left untrained) replaces the epoch's permutation."""
+        if remaining is not None:
+            return np.asarray(remaining, dtype=np.int64)
+        n = len(self.dataset)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
     def rank_indices(self, epoch: int) -> np.ndarray:
         """The item indices this rank visits in `epoch`, in order."""
-        n = len(self.dataset)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        return order[:n // self.world_size * self.world_size][self.rank::self.world_size]
+        return rank_share(self.epoch_order(epoch, self.remaining if epoch == self.epoch else None), self.rank,
+                          self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning; a no-op if it is the current epoch (mid-epoch after a resume)."""
         if epoch != self.epoch:
-            self.epoch, self.position, self.buffer = epoch, 0, []
+            self.epoch, self.position, self.buffer, self.remaining = epoch, 0, [], None
 
     # -- resume -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """Where the iteration stands after the last batch it yielded: small, ints only."""
         return {"epoch": self.epoch, "position": self.position, "buffer": list(self.buffer),
-                "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
+                "remaining": self.remaining, "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         saved, this_run = (state["seed"], state["rank"], state["world_size"]), (self.seed, self.rank, self.world_size)
         if saved != this_run:
             raise ValueError(f"data state was saved with (seed, rank, world size) {saved}, this run has {this_run}")
         self.epoch, self.position, self.buffer = int(state["epoch"]), int(state["position"]), list(state["buffer"])
+        self.remaining = state.get("remaining")
+
+    def trained_items(self, state: dict) -> set[int]:
+        """The items a rank's saved state has trained on in its epoch: those it fetched, less those
+        still waiting in its packing buffer."""
+        share = rank_share(self.epoch_order(state["epoch"], state.get("remaining")), state["rank"], state["world_size"])
+        return set(share[:state["position"]].tolist()) - set(state["buffer"])
+
+    def load_rank_states(self, states: list[dict]) -> None:
+        """Continue the epoch of a run saved by `len(states)` processes (one state per rank) on this
+        run's process count: the items none of its ranks trained, in the epoch's order, become the
+        epoch's new order, which this run's ranks share out as usual. Within the epoch no item is
+        trained twice, and none is skipped that the old ranks would have reached (the items waiting in
+        their packing buffers included)."""
+        if len({(state["epoch"], state["seed"]) for state in states}) != 1 or states[0]["seed"] != self.seed:
+            raise ValueError(f"the ranks' data states disagree on (epoch, seed), or differ from this run's seed {self.seed}")
+        epoch = int(states[0]["epoch"])
+        trained = set().union(*(self.trained_items(state) for state in states))
+        order = self.epoch_order(epoch, states[0].get("remaining"))
+        self.epoch, self.position, self.buffer = epoch, 0, []
+        self.remaining = [index for index in order.tolist() if index not in trained]
 
     # -- iteration ----------------------------------------------------------------------------
 
@@ -625,7 +656,7 @@ class PackedBatches:
                 rows.append([buffer[p][1] for p in taken])
                 buffer = [entry for p, entry in enumerate(buffer) if p not in taken]
             if not (_all_ranks_have(rows) if sync else rows):
-                self.epoch, self.position, self.buffer = self.epoch + 1, 0, []
+                self.epoch, self.position, self.buffer, self.remaining = self.epoch + 1, 0, [], None
                 return
             self.buffer = [index for index, _ in buffer]
             yield self.collate(rows if self.pack else [row[0] for row in rows], self.max_length, self.pad_token_id)
@@ -649,6 +680,12 @@ class PackedBatches:
                 rows += 1
             self._estimate = max(1, math.ceil(rows * items_per_rank / len(sample) / self.batch_size))
         return self._estimate
+
+
+def rank_share(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank `rank`'s items of an epoch's `order`: cut to a multiple of `world_size` (at most
+    world_size - 1 items skipped, as DistributedSampler(drop_last=True)), then every world_size-th."""
+    return order[:len(order) // world_size * world_size][rank::world_size]
 
 
 def _all_ranks_have(rows: list) -> bool:

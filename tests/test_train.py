@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import (assert_ranks_in_sync, assert_same_losses, kill_then_resume, losses, read_metrics, run_trainer,
@@ -222,3 +223,86 @@ def test_weights_carry_every_flag_the_commit_and_the_data(small_data, tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0, shown.stderr
     assert "trained by: train_pretrain.py" in shown.stderr and commit[:7] in shown.stderr
+
+
+class NumberedDocuments(torch.utils.data.Dataset):
+    """Document i is the token i + 10, repeated 1 + i % 7 times: any batch tells which documents it holds."""
+    pad_token_id = 0
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        tokens = torch.full((1 + i % 7,), i + 10)
+        return {"input_ids": tokens, "labels": tokens.clone()}
+
+
+def documents_in(batch: dict) -> list[int]:
+    """The documents of a packed or padded batch, each once per time it was packed."""
+    found = []
+    for row, documents in zip(batch["input_ids"], batch["attention_mask"]):
+        if documents.max() > 1:  # packed: attention_mask numbers the documents of the row
+            found += [int(row[documents == d][0]) - 10 for d in documents.unique().tolist() if d > 0]
+        else:
+            found += [int(row[0]) - 10]
+    return found
+
+
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("saved_world_size, world_size", [(2, 1), (1, 2), (2, 3)])
+def test_data_continues_on_another_process_count_training_each_document_once(pack, saved_world_size, world_size):
+    """Ranks of one process count train a few batches each; the ranks of another count take over
+    from all their saved states and finish the epoch. Over the epoch, read from the batches
+    themselves, each document is trained exactly once, and at most world_size - 1 (the cut to equal
+    shares) are not trained at all."""
+    from dataset.lm_dataset import PackedBatches
+
+    dataset = NumberedDocuments(61)
+    trained, states = [], []
+    for rank in range(saved_world_size):
+        batches = PackedBatches(dataset, 3, 16, pack=pack, seed=7, rank=rank, world_size=saved_world_size, buffer_size=8)
+        iterator = iter(batches)
+        for _ in range(2 + rank):  # ranks stop at different places, as packed ranks do
+            trained += documents_in(next(iterator))
+        states.append(batches.state_dict())
+    for rank in range(world_size):
+        batches = PackedBatches(dataset, 3, 16, pack=pack, seed=7, rank=rank, world_size=world_size, buffer_size=8)
+        batches.load_rank_states(states)
+        for batch in batches:
+            trained += documents_in(batch)
+    assert len(trained) == len(set(trained)), "a document was trained twice"
+    assert len(dataset) - world_size < len(set(trained)) <= len(dataset)
+
+
+def test_a_run_resumes_on_another_number_of_processes(small_data, tmp_path):
+    """Killed on 2 processes, resumed on 1, and then on 2 again: the saved step is mapped to the new
+    count's steps, and, checked from the saved data positions, no document of the epoch is trained
+    by two of the runs."""
+    from dataset.lm_dataset import PackedBatches
+
+    flags = tiny_flags(tmp_path, small_data["pretrain"], "--save_interval", "1", "--from_resume", "1")
+    checkpoints = tmp_path / "ckpt"
+    torchrun("train_pretrain.py", flags + ["--max_steps", "3"])
+    on_two = [torch.load(checkpoints / name, weights_only=False)["objects"]["data"]
+              for name in ("pretrain_64_resume.pth", "pretrain_64_resume_rank1.pth")]
+    on_one = run_trainer("train_pretrain.py", flags + ["--max_steps", "8"])
+    assert "its step 3 is step 6 here" in on_one.stdout
+    one = torch.load(checkpoints / "pretrain_64_resume.pth", weights_only=False)
+    assert one["world_size"] == 1 and one["step"] == 8
+    again_on_two = torchrun("train_pretrain.py", flags + ["--max_steps", "6"])
+    assert "its step 8 is step 4 here" in again_on_two.stdout
+    metrics = tmp_path / "out" / "pretrain_64.metrics.jsonl"
+    # steps 1-3 on two processes, 7-8 on one, then two again from step 4: what one process logged past
+    # it is dropped, as after any resume, and the metrics count the steps of the last process count
+    assert sorted(losses(metrics)) == [1, 2, 3, 5, 6]
+
+    reader = PackedBatches(list(range(300)), 4, 64, seed=42)
+    segments = [set().union(*(reader.trained_items(state) for state in on_two)),
+                reader.trained_items(one["objects"]["data"]),
+                set().union(*(reader.trained_items(torch.load(checkpoints / name, weights_only=False)["objects"]["data"])
+                              for name in ("pretrain_64_resume.pth", "pretrain_64_resume_rank1.pth")))]
+    assert all(segments)
+    assert not (segments[0] & segments[1] or segments[0] & segments[2] or segments[1] & segments[2])

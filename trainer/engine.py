@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -104,6 +105,11 @@ def stage_parser(description: str, *, save_weight: str, from_weight: str, learni
     add_switch(runtime, "--use_wandb", help="1 = log to wandb (or swanlab if wandb is absent); offline without an API key")
     runtime.add_argument("--wandb_project", default="MiniMind")
     runtime.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many consecutive non-finite losses/gradients")
+    runtime.add_argument("--deepspeed", default=None, metavar="CONFIG",
+                         help="train under DeepSpeed ZeRO with this config, e.g. trainer/ds_config_zero2.json; its "
+                              "\"auto\" fields come from these flags (default: DDP under torchrun, else one process)")
+    runtime.add_argument("--local_rank", type=int, default=-1,
+                         help="set by the deepspeed launcher; the process's rank is read from LOCAL_RANK (default: -1)")
 
     validation = parser.add_argument_group("validation")
     validation.add_argument("--eval_data", default=None,
@@ -178,8 +184,14 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
     device = loader.resolve_device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)  # one GPU per process under torchrun
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if getattr(args, "deepspeed", None):
+        prepare_deepspeed_environment(device, world_size)
+    if (world_size > 1 or getattr(args, "deepspeed", None)) and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if world_size > 1:
+            dist.init_process_group(backend)
+        else:  # DeepSpeed wants a process group even alone; an in-memory store needs no port
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = loader.resolve_dtype(args.dtype, device)
@@ -285,7 +297,8 @@ def load_frozen_model(args: argparse.Namespace, runtime: Runtime, name: str, fla
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = model.module if isinstance(model, DistributedDataParallel) else model
+    wrappers = (DistributedDataParallel,) + ((sys.modules["deepspeed"].DeepSpeedEngine,) if "deepspeed" in sys.modules else ())
+    model = model.module if isinstance(model, wrappers) else model
     return getattr(model, "_orig_mod", model)  # torch.compile wrapper
 
 
@@ -506,6 +519,148 @@ def train_record(args: argparse.Namespace, dataset) -> dict:
             "data": {"path": str(data.path), "lines": len(data)} if data is not None else None}
 
 
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO (`--deepspeed CONFIG`): the same loop, with optimizer state, gradients and (stage 3)
+# weights partitioned over the processes
+# ---------------------------------------------------------------------------------------------
+
+def prepare_deepspeed_environment(device: torch.device, world_size: int) -> None:
+    """What DeepSpeed reads from the environment, set before it is imported: its CPU backend (gloo)
+    on a machine without GPUs, no compiled kernels (`DS_BUILD_OPS=0`: the optimizer is torch's
+    AdamW), and the LOCAL_RANK it requires even of a single process."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("DS_BUILD_OPS", "0")
+    if world_size == 1:
+        os.environ.setdefault("LOCAL_RANK", "0")
+
+
+def import_deepspeed():
+    """`deepspeed`, told that none of its C++ kernels are available. On the CPU it would otherwise
+    JIT-compile a shared-memory all-reduce at start-up (minutes, and a compiler); with none, its
+    collectives are torch.distributed's, as under DDP."""
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.all_ops import ALL_OPS
+
+    deepspeed.ops.__compatible_ops__ = dict.fromkeys(ALL_OPS, False)
+    return deepspeed
+
+
+def deepspeed_config(args: argparse.Namespace, runtime: Runtime) -> dict:
+    """The `--deepspeed` JSON with its `"auto"` fields filled from our flags, as Hugging Face's
+    Trainer does: micro-batch, accumulation, global batch, clipping, and bf16/fp16 from the dtype.
+    A field set to a number must agree with the flag it mirrors. The optimizer (AdamW with our
+    parameter groups) and the LR schedule (`cosine_lr`, set before each step) are the engine's, so a
+    config that names its own is refused; so is DeepSpeed-managed accumulation, since `train_step`
+    decides where a window ends and how its loss is normalised."""
+    path = loader.resolve_path(args.deepspeed)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: --deepspeed {path}: {error}")
+    from_flags = {
+        ("train_micro_batch_size_per_gpu",): args.batch_size,
+        ("gradient_accumulation_steps",): args.accumulation_steps,
+        ("train_batch_size",): args.batch_size * args.accumulation_steps * runtime.world_size,
+        ("gradient_clipping",): args.grad_clip,
+        ("bf16", "enabled"): runtime.dtype == torch.bfloat16,
+        ("fp16", "enabled"): runtime.dtype == torch.float16,
+    }
+    for keys, value in from_flags.items():
+        section = config
+        for key in keys[:-1]:
+            section = section.setdefault(key, {})
+        if section.get(keys[-1], "auto") == "auto":
+            section[keys[-1]] = value
+        elif section[keys[-1]] != value:
+            sys.exit(f"error: --deepspeed {path}: {'.'.join(keys)} is {section[keys[-1]]}, the flags give {value}; "
+                     f"set it to \"auto\"")
+    for key in ("optimizer", "scheduler"):
+        if key in config:
+            sys.exit(f"error: --deepspeed {path}: remove \"{key}\"; the engine's AdamW and LR schedule are used")
+    if config.setdefault("managed_gradient_accumulation", False):
+        sys.exit(f"error: --deepspeed {path}: managed_gradient_accumulation must be false (the engine ends each window)")
+    if config.get("zero_optimization", {}).get("stage") not in (1, 2, 3):
+        sys.exit(f"error: --deepspeed {path}: zero_optimization.stage must be 1, 2 or 3")
+    left = [key for key, value in config.items() if value == "auto"]
+    if left:
+        sys.exit(f"error: --deepspeed {path}: no flag fills {left}")
+    return config
+
+
+class ZeroEngine:
+    """The DeepSpeed engine under our `Trainer`, which keeps the loop, the loss normalisation, the LR
+    schedule and the skip rules, and hands DeepSpeed what it is for: partitioned optimizer state
+    (ZeRO-1), gradients (ZeRO-2) and weights (ZeRO-3), and their checkpoints.
+
+    Accumulation is unmanaged: each `backward` only accumulates (ZeRO-2/3 reduce-scatter as they go),
+    and `step` is the window's end, however many micro-batches it had."""
+
+    def __init__(self, args: argparse.Namespace, runtime: Runtime):
+        self.config = deepspeed_config(args, runtime)
+        self.stage = self.config["zero_optimization"]["stage"]
+        self.deepspeed = import_deepspeed()
+        self.is_main = runtime.is_main
+
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+        self.engine, *_ = self.deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        return self.engine
+
+    def step(self, gradient_factor: float) -> tuple[bool, float]:
+        """Clip and step; returns (applied, grad_norm). The gradients are `1 / gradient_factor` times
+        too large (`train_step`'s provisional denominator), which is what a loss scale means to ZeRO's
+        optimizer: it divides the gradients by the scale and clips the norm of the result. So the
+        scale is divided by the factor for this step and put back after it, keeping any change that
+        fp16's dynamic scaler made. ZeRO's optimizer skips a step whose gradients hold inf/NaN, on any
+        process, whatever the dtype (a non-finite loss gives such gradients)."""
+        optimizer = self.engine.optimizer
+        scale = optimizer.loss_scale
+        optimizer.loss_scale = scale / gradient_factor
+        self.engine.step()
+        if optimizer.loss_scale != scale / gradient_factor:  # fp16: halved on overflow, or grown
+            scale = optimizer.loss_scale * gradient_factor
+        optimizer.loss_scale = scale
+        grad_norm = self.engine.get_global_grad_norm()
+        return self.engine.was_step_applied(), float("nan") if grad_norm is None else float(grad_norm)
+
+    def gathered(self, module: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """The whole weights on every process while inside (ZeRO-3 holds a shard of each); entered by
+        all processes together."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        return self.deepspeed.zero.GatheredParameters(list(module.parameters()))
+
+    @staticmethod
+    def tag(step: int) -> str:
+        return f"step{step}"
+
+    def save(self, directory: Path, step: int) -> None:
+        """DeepSpeed's checkpoint of weights and optimizer state, every process writing its shards, into
+        a temporary directory renamed to `step<N>` once all have finished: a `step<N>` is whole."""
+        temporary, final = directory / f".{self.tag(step)}.tmp", directory / self.tag(step)
+        self.engine.save_checkpoint(str(directory), tag=temporary.name, save_latest=False)
+        dist.barrier()
+        if self.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+        dist.barrier()
+
+    def load(self, directory: Path, step: int) -> None:
+        loaded, _ = self.engine.load_checkpoint(str(directory), tag=self.tag(step), load_module_strict=True,
+                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            sys.exit(f"error: no DeepSpeed checkpoint {directory / self.tag(step)}")
+
+    def prune(self, directory: Path, keep_steps: set[int]) -> None:
+        """Remove the checkpoints no resume state points to any more, and what a kill left of a save."""
+        if self.is_main:
+            for old in [*directory.glob("step*"), *directory.glob(".step*.tmp")]:
+                if old.name not in {self.tag(step) for step in keep_steps}:
+                    shutil.rmtree(old)
+
+
 class Trainer:
     """Owns the model's optimisation: optimizer, schedule, precision, DDP, logging, checkpoints.
 
@@ -526,9 +681,11 @@ class Trainer:
         self.stem = weight_stem(config, args.save_weight)
         self.weights_path = weights_path or save_dir(args) / f"{self.stem}.pth"
         self.resume_path = checkpoint_dir(args) / f"{self.stem}_resume.pth"
+        self.zero_dir = checkpoint_dir(args) / f"{self.stem}_zero"  # DeepSpeed's checkpoints, under --deepspeed
         trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(parameter_groups(model, trainable, args.weight_decay), lr=args.learning_rate)
-        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+        self.zero = ZeroEngine(args, runtime) if getattr(args, "deepspeed", None) else None  # DeepSpeed scales fp16 itself
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16 and self.zero is None)
         self.eval_model = eval_model or model
         self.validation = None
         if getattr(args, "eval_data", None):
@@ -539,7 +696,9 @@ class Trainer:
         self.model = model
         if args.use_compile:
             self.model = torch.compile(self.model)
-        if runtime.distributed:
+        if self.zero is not None:
+            self.model = self.zero.wrap(self.model, self.optimizer)
+        elif runtime.distributed:
             self.model = DistributedDataParallel(self.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
         self.step, self.epoch, self.epochs_completed, self.tokens, self.elapsed = 0, 0, 0, 0, 0.0
         self.bad_steps, self.skipped_steps, self.total_steps = 0, 0, 0
@@ -629,11 +788,14 @@ class Trainer:
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(value) / len(window)
         loss_total, units, tokens = self.runtime.all_reduce(
             [loss_total, units, sum(labelled_tokens(batch) for batch in window)]).tolist()
-        if provisional != max(units, 1.0):  # (fp16's loss-scaled gradients scale linearly too)
-            for param in self.trainable_params():
-                if param.grad is not None:
-                    param.grad.mul_(provisional / max(units, 1.0))
-        stepped, grad_norm = self.optimizer_step(finite)
+        if self.zero is not None:
+            stepped, grad_norm = self.zero_step(finite, provisional / max(units, 1.0))
+        else:
+            if provisional != max(units, 1.0):  # (fp16's loss-scaled gradients scale linearly too)
+                for param in self.trainable_params():
+                    if param.grad is not None:
+                        param.grad.mul_(provisional / max(units, 1.0))
+            stepped, grad_norm = self.optimizer_step(finite)
         if stepped:
             self.log(loss_total / max(units, 1.0), {**metric_sums, "grad_norm": grad_norm}, int(tokens))
         return stepped
@@ -642,6 +804,9 @@ class Trainer:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        if self.zero is not None:  # ZeRO reduces at its step; the loss is ours, not divided by the window
+            self.model.backward(loss, scale_wrt_gas=False)
+            return
         context = contextlib.nullcontext() if sync or not self.runtime.distributed else self.model.no_sync()
         with context:
             self.scaler.scale(loss).backward()
@@ -680,19 +845,36 @@ class Trainer:
         else:
             grad_norm, healthy, overflowed = float("nan"), False, False
         self.optimizer.zero_grad(set_to_none=True)
+        return self.count_step(healthy, overflowed), grad_norm
+
+    def count_step(self, healthy: bool, overflowed: bool) -> bool:
+        """Count a step that was taken, skipped as bad, or skipped by fp16 loss scaling (see
+        `optimizer_step`); stop the run after `--max_bad_steps` bad ones in a row. Returns whether
+        the weights moved."""
         if not healthy:
             self.bad_steps += 1
             self.skipped_steps += 1
             self.runtime.print(f"step {self.step + 1}: non-finite loss or gradient, step skipped ({self.bad_steps} in a row)")
             if self.bad_steps >= self.args.max_bad_steps:
                 raise RuntimeError(f"{self.bad_steps} non-finite steps in a row: stopping (lower --learning_rate or use --dtype float32)")
-            return False, grad_norm
+            return False
         self.bad_steps = 0
         if overflowed:
             self.skipped_steps += 1
-            return False, grad_norm
+            return False
         self.step += 1
-        return True, grad_norm
+        return True
+
+    def zero_step(self, loss_is_finite: bool, gradient_factor: float) -> tuple[bool, float]:
+        """`optimizer_step` under DeepSpeed ZeRO: the same schedule, clipping and skip decisions,
+        taken by DeepSpeed's optimizer on its gradient partitions. `gradient_factor` is `train_step`'s
+        correction of the provisional denominator, applied before clipping like the DDP path's."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        agreed_finite = self.runtime.all_reduce(float(loss_is_finite), "min").item() == 1.0
+        applied, grad_norm = self.zero.step(gradient_factor)
+        healthy = agreed_finite and (applied or self.runtime.dtype == torch.float16)
+        return self.count_step(healthy, overflowed=agreed_finite and not applied), grad_norm
 
     # --- logging ------------------------------------------------------------------------------
 
@@ -746,10 +928,14 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------------
 
     def resume_state(self) -> dict:
-        return {
+        """Everything a resumed run needs. Under ZeRO, weights and optimizer state are in DeepSpeed's
+        checkpoint of the same step (`ZeroEngine.save`), which this state names."""
+        weights = {"zero_checkpoint": self.step} if self.zero is not None else {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "scaler": self.scaler.state_dict()}
+        return {
+            **weights,
             "step": self.step, "epoch": self.epoch, "epochs_completed": self.epochs_completed,
             "epochs": self.args.epochs, "max_steps": self.args.max_steps, "tokens": self.tokens, "elapsed": self.elapsed,
             "skipped_steps": self.skipped_steps, "total_steps": self.total_steps,
@@ -760,23 +946,29 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
 
-    def rank_resume_path(self) -> Path:
+    def rank_resume_path(self, rank: int | None = None) -> Path:
         """Each process saves its own resume state (its RNG and data position differ)."""
-        if self.runtime.rank == 0:
+        rank = self.runtime.rank if rank is None else rank
+        if rank == 0:
             return self.resume_path
-        return self.resume_path.with_name(f"{self.resume_path.stem}_rank{self.runtime.rank}.pth")
+        return self.resume_path.with_name(f"{self.resume_path.stem}_rank{rank}.pth")
 
     def save(self) -> None:
         """Weights for users (rank 0) and each rank's resume state; the state it replaces is kept as
         `*.previous.pth`, for the case where a kill lands between two ranks' saves (see `load_resume`)."""
         if self.step == self.saved_step:
             return
-        if self.runtime.is_main:
-            self.weight_saver(unwrap(self.model), self.weights_path, {"train_args": self.train_args})
+        if self.zero is not None:
+            self.zero.save(self.zero_dir, self.step)
+        with self.zero.gathered(unwrap(self.model)) if self.zero is not None else contextlib.nullcontext():
+            if self.runtime.is_main:
+                self.weight_saver(unwrap(self.model), self.weights_path, {"train_args": self.train_args})
         atomic_save(self.resume_state(), self.rank_resume_path(), keep_previous=True)
         self.saved_step = self.step
         if self.runtime.distributed:
             dist.barrier()
+        if self.zero is not None:
+            self.zero.prune(self.zero_dir, set.union(*self.resume_steps_by_rank()[0]))
 
     def save_if_due(self, steps_before: int) -> None:
         """Save when the steps since `steps_before` crossed a multiple of `--save_interval`. Called
@@ -797,10 +989,9 @@ class Trainer:
         self.runtime.print(f"saved {self.weights_path} after {self.step} steps, {self.tokens:,} loss-bearing tokens, "
                            f"{self.elapsed:.0f}s")
 
-    def agreed_resume_file(self) -> Path | None:
-        """The resume file to load: the latest step for which every rank holds a state. Ranks save one
-        after another, so a kill can leave rank 0 at step 20 and rank 1 still at step 10; each rank
-        then has step 10 in its current or its previous file, and all of them go back to it."""
+    def resume_steps_by_rank(self) -> tuple[list[set[int]], dict[int, Path]]:
+        """The steps each rank holds a resume state for (in its current or previous file), and this
+        rank's files by step."""
         path = self.rank_resume_path()
         mine = {}
         for candidate in (path, previous_version(path)):
@@ -809,10 +1000,17 @@ class Trainer:
         table = torch.full((self.runtime.world_size, 2), -1.0)
         table[self.runtime.rank, :len(mine)] = torch.tensor(sorted(mine), dtype=torch.float64)
         table = self.runtime.all_reduce(table.to(self.runtime.device), "max").cpu()
-        if (table == -1).all():
+        return [set(row[row >= 0].long().tolist()) for row in table], mine
+
+    def agreed_resume_file(self) -> Path | None:
+        """The resume file to load: the latest step for which every rank holds a state. Ranks save one
+        after another, so a kill can leave rank 0 at step 20 and rank 1 still at step 10; each rank
+        then has step 10 in its current or its previous file, and all of them go back to it."""
+        held, mine = self.resume_steps_by_rank()
+        path = self.rank_resume_path()
+        if not set.union(*held):
             self.runtime.print(f"--from_resume 1: no resume checkpoint at {path}, starting fresh")
             return None
-        held = [set(row[row >= 0].long().tolist()) for row in table]
         common = set.intersection(*held)
         if not common:
             sys.exit(f"error: no step for which every process has a resume state in {path.parent} "
@@ -823,35 +1021,95 @@ class Trainer:
                                f"{[sorted(steps) for steps in held]}); all go back to step {step}")
         return mine[step]
 
+    def saved_process_count(self) -> int | None:
+        """How many processes wrote rank 0's latest resume state; None when there is none."""
+        for candidate in (self.resume_path, previous_version(self.resume_path)):
+            if candidate.exists():
+                return torch.load(candidate, map_location="cpu", weights_only=False, mmap=True)["world_size"]
+        return None
+
+    def resume_files_of_every_rank(self, world_size: int) -> list[Path]:
+        """The resume file of each rank of a run on `world_size` processes, at the latest step all of
+        them hold (`agreed_resume_file`'s rule, read here from every rank's files: a run continuing on
+        another process count needs all of them)."""
+        held = []
+        for rank in range(world_size):
+            path = self.rank_resume_path(rank)
+            held.append({torch.load(candidate, map_location="cpu", weights_only=False, mmap=True)["step"]: candidate
+                         for candidate in (previous_version(path), path) if candidate.exists()})
+        common = set.intersection(*(set(files) for files in held))
+        if not common:
+            sys.exit(f"error: no step for which every one of the {world_size} saved processes has a resume state "
+                     f"in {self.resume_path.parent}")
+        return [files[max(common)] for files in held]
+
+    def continue_on_another_process_count(self, states: list[dict]) -> None:
+        """Take over a run saved by `len(states)` processes (one resume state per rank) on this run's
+        count, as MiniMind does: the saved step becomes the number of steps the same rows take here
+        (a step takes world_size x batch x accumulation rows), so the LR schedule, planned over this
+        count's steps, stands where it stood; the data goes on with the items no saved rank trained
+        (`PackedBatches.load_rank_states`); rank r takes saved rank r's RNG and other state objects,
+        and a rank the saved run did not have keeps its fresh seed."""
+        saved = len(states)
+        self.step = self.step * saved // self.runtime.world_size
+        self.state_objects["data"].load_rank_states([state["objects"]["data"] for state in states])
+        mine = states[min(self.runtime.rank, saved - 1)]
+        for name, obj in self.state_objects.items():
+            if name != "data":
+                obj.load_state_dict(mine["objects"][name])
+        if self.runtime.rank < saved:
+            self.restore_rng(mine["rng"])
+        self.runtime.print(f"the run was saved by {saved} process(es), this one has {self.runtime.world_size}: "
+                           f"its step {states[0]['step']} is step {self.step} here, and the epoch goes on with the "
+                           f"documents no process has trained")
+
+    @staticmethod
+    def restore_rng(rng: dict) -> None:
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
     def load_resume(self) -> bool:
         """Load the resume checkpoint if `--from_resume 1` and one exists (never a half-written one:
         saves are atomic renames, and only the final names are read). A run asked for more epochs
         than it was saved with keeps its step and plans the LR schedule over the new length."""
         if not self.args.from_resume:
             return False
-        path = self.agreed_resume_file()
+        saved_world_size = self.saved_process_count()
+        moved = saved_world_size not in (None, self.runtime.world_size)  # saved on another process count
+        rank_files = self.resume_files_of_every_rank(saved_world_size) if moved else []
+        path = rank_files[0] if moved else self.agreed_resume_file()
         if path is None:
             return False
+        if moved and self.zero is not None:
+            sys.exit(f"error: {path} was written by {saved_world_size} DeepSpeed processes, this run has "
+                     f"{self.runtime.world_size}; a ZeRO run resumes on the process count it was saved with")
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["world_size"] != self.runtime.world_size:
-            sys.exit(f"error: {path} was written by {state['world_size']} processes, this run has {self.runtime.world_size}")
-        unwrap(self.model).load_state_dict(state["model"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if ("zero_checkpoint" in state) != (self.zero is not None):
+            sys.exit(f"error: {path} was written {'with' if 'zero_checkpoint' in state else 'without'} --deepspeed; "
+                     f"resume it the same way")
+        if self.zero is not None:
+            self.zero.load(self.zero_dir, state["zero_checkpoint"])
+        else:
+            unwrap(self.model).load_state_dict(state["model"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
         for key in ("step", "epoch", "tokens", "elapsed", "skipped_steps"):
             setattr(self, key, state[key])
         saved_epochs = state.get("epochs", self.args.epochs)
-        if saved_epochs == self.args.epochs:
+        if saved_epochs == self.args.epochs and not moved:
             self.total_steps = state["total_steps"]
         self.epochs_completed = state.get("epochs_completed", 0)
         self.logger_id = state["logger_id"]
-        for name, obj in self.state_objects.items():
-            obj.load_state_dict(state["objects"][name])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if moved:
+            self.continue_on_another_process_count(
+                [state, *(torch.load(file, map_location="cpu", weights_only=False) for file in rank_files[1:])])
+        else:
+            for name, obj in self.state_objects.items():
+                obj.load_state_dict(state["objects"][name])
+            self.restore_rng(state["rng"])
         if state["dtype"] != str(self.runtime.dtype).removeprefix("torch."):
             self.runtime.print(f"note: resuming a {state['dtype']} run in {self.runtime.dtype}")
         self.mid_epoch = self.epochs_completed <= self.epoch
