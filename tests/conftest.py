@@ -55,6 +55,15 @@ def losses(metrics: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records}
 
 
+def wait_for_logged_steps(process: subprocess.Popen, metrics: Path, steps: int, timeout_s: float = 300) -> None:
+    """Until the metrics file holds `steps` lines, the process has ended, or `timeout_s` passed."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= steps:
+            return
+        time.sleep(0.02)
+
+
 def kill_then_resume(script: str, flags: list[str], metrics: Path, kill_after_steps: list[int]) -> dict[int, float]:
     """Start the trainer with `flags` (which should hold `--from_resume 1`), `kill -9` it once the
     metrics file has each of `kill_after_steps` lines (a restart in between), then let it finish.
@@ -62,11 +71,7 @@ def kill_then_resume(script: str, flags: list[str], metrics: Path, kill_after_st
     for kill_after_step in kill_after_steps:
         process = subprocess.Popen(trainer_command(script, flags), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, cwd="/")
-        deadline = time.time() + 300
-        while time.time() < deadline and process.poll() is None:
-            if metrics.exists() and metrics.read_text().count("\n") >= kill_after_step:
-                break
-            time.sleep(0.02)
+        wait_for_logged_steps(process, metrics, kill_after_step)
         process.send_signal(signal.SIGKILL)
         process.wait()
     run_trainer(script, flags)

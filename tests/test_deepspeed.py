@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, assert_same_losses, free_port, losses, tiny_flags, torchrun
+from conftest import REPO, assert_same_losses, free_port, losses, tiny_flags, torchrun, wait_for_logged_steps
 
 pytest.importorskip("deepspeed")
 
@@ -87,11 +86,7 @@ def kill_torchrun_then_resume(flags: list[str], metrics: Path, kill_after_step: 
                str(free_port()), str(REPO / "trainer" / "train_pretrain.py"), *flags]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= kill_after_step:
-            break
-        time.sleep(0.02)
+    wait_for_logged_steps(process, metrics, kill_after_step)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert max(losses(metrics)) < 10, "the run ended before it was killed"

@@ -230,3 +230,23 @@ def test_weight_decay_reaches_matrices_only(tmp_path):
     help_text = engine.stage_parser("x", save_weight="a", from_weight="none", learning_rate=1, epochs=1, batch_size=1,
                                     max_seq_len=8, data_file="x").format_help()
     assert "the original decayed every parameter" in " ".join(help_text.split())
+
+
+def test_final_validation_joins_the_last_logged_step(tmp_path):
+    """When the epochs end before the planned last step (packing's step estimate was high), the final
+    weights are validated at `finish` and the figures join that step's line: each step once."""
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text(json.dumps({"text": "3 加 5 等于 8。"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    model = tiny_model()
+    args = make_args(tmp_path, "--eval_data", str(held_out), "--eval_interval", "0", "--log_interval", "1")
+    trainer = engine.Trainer(args, engine.Runtime(torch.device("cpu"), torch.float32), model,
+                             tokenizer=loader.load_tokenizer("model"))
+    trainer.total_steps = 10
+    trainer.train_args = {}
+    trainer.start_logging()
+    ids = torch.randint(3, 6400, (2, 8), generator=torch.Generator().manual_seed(0))
+    trainer.train_step([{"input_ids": ids, "labels": ids}], engine.causal_lm_loss)
+    trainer.finish()
+    records = [json.loads(line) for line in (tmp_path / "out" / "unit_64.metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1]
+    assert records[0]["val_loss"] > 0 and records[0]["val_bpb"] > 0 and records[0]["loss"] > 0

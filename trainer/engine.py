@@ -361,7 +361,12 @@ class MetricsFile:
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, replace_last: bool = False) -> None:
+        """Append `record`; with `replace_last`, it takes the place of the last line (the same step, now
+        with more figures), so the file still holds each step once."""
+        if replace_last:
+            lines = self.path.read_text().splitlines(keepends=True)
+            self.path.write_text("".join(lines[:-1]))
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -707,6 +712,7 @@ class Trainer:
         self.mid_epoch = False         # ... and the data continues where it stopped
         self.saved_step: int | None = None
         self.last_record: dict | None = None
+        self.written_step: int | None = None  # the step of the metrics file's last line
 
     # --- the plan of the run ------------------------------------------------------------------
 
@@ -921,9 +927,9 @@ class Trainer:
 
     def write_record(self, record: dict) -> None:
         if self.metrics_file:
-            self.metrics_file.write(record)
+            self.metrics_file.write(record, replace_last=self.written_step == record["step"])
         self.logger.log(record, record["step"])
-        record["written"] = True
+        self.written_step = record["step"]
 
     # --- checkpoints --------------------------------------------------------------------------
 
@@ -979,9 +985,8 @@ class Trainer:
     def finish(self) -> None:
         if self.validation is not None and self.last_record and "val_loss" not in self.last_record:
             # the epochs ended before the planned last step: validate the final weights now
-            record = {key: value for key, value in self.last_record.items() if key != "written"}
-            self.write_record({**record, **self.validation(unwrap(self.eval_model))})
-        elif self.last_record and not self.last_record.get("written"):
+            self.write_record({**self.last_record, **self.validation(unwrap(self.eval_model))})
+        elif self.last_record and self.written_step != self.step:
             self.write_record(self.last_record)  # the last step is always in the metrics
         self.save()
         self.progress.close()
