@@ -15,6 +15,20 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "dataset" / "demo"
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject.toml): one worker per core, at most 4. The tests are small models and
+    process start-ups, which a core runs as fast alone as with a second thread."""
+    return max(1, min(CORES, 4))
+
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # Each worker gets its share of the cores, and so do the trainers and servers it starts: more
+    # threads than cores makes OpenMP's threads wait on each other and runs everything slower.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

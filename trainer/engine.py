@@ -164,6 +164,14 @@ class Runtime:
         if self.is_main:
             tqdm.write(" ".join(str(m) for m in message))
 
+    def close(self) -> None:
+        """Leave the process group together. A rank that exits with the group still open can abort
+        (SIGABRT in gloo's teardown) while its peer is still finishing its last collective."""
+        if dist.is_initialized():
+            if self.distributed:
+                dist.barrier()
+            dist.destroy_process_group()
+
     def all_reduce(self, value: float | torch.Tensor, op: str = "sum") -> torch.Tensor:
         tensor = torch.as_tensor(value, dtype=torch.float64, device=self.device).clone()
         if self.distributed:
@@ -727,6 +735,7 @@ class Trainer:
             self.runtime.print(f"{self.stem}: the run is complete ({self.step} steps, {self.epochs_completed} of "
                                f"{self.args.epochs} epoch(s)); nothing to train. Raise --epochs or --max_steps "
                                f"to train on from step {self.step}.")
+            self.runtime.close()
             return False
         self.start_logging()
         self.model.train()
@@ -993,6 +1002,7 @@ class Trainer:
         self.logger.finish()
         self.runtime.print(f"saved {self.weights_path} after {self.step} steps, {self.tokens:,} loss-bearing tokens, "
                            f"{self.elapsed:.0f}s")
+        self.runtime.close()
 
     def resume_steps_by_rank(self) -> tuple[list[set[int]], dict[int, Path]]:
         """The steps each rank holds a resume state for (in its current or previous file), and this
