@@ -6,8 +6,12 @@ from. A library, not an entry script: scripts import it, never each other.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import platform
+import runpy
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -19,12 +23,73 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "dataset" / "demo"
 
 
+# A step of ours (`python <script>.py ...`) starts in a fork of one server process that has already
+# imported torch, transformers and the project, instead of a fresh interpreter: importing them takes
+# 5-10 s of a 2-core machine, longer than most demo steps themselves. The server itself never
+# computes (a fork of a process whose OpenMP threads have run hangs), nor touches CUDA.
+_PRELOAD = ["torch", "transformers", "model.loader", "model.generate", "dataset.lm_dataset", "trainer.engine"]
+
+
+def _run_script(script: str, argv: list[str], output: socket.socket) -> None:
+    """In the forked child: be `python script argv` with stdout and stderr going to `output`."""
+    os.dup2(output.fileno(), 1)
+    os.dup2(output.fileno(), 2)
+    output.close()
+    sys.stdout.reconfigure(line_buffering=True)
+    os.chdir(REPO)
+    sys.argv, sys.path[0] = [script, *argv], str(Path(script).resolve().parent)
+    runpy.run_path(script, run_name="__main__")
+
+
+class ForkedStep:
+    """What `run` needs of a `subprocess.Popen`: the output lines, `wait`, `kill`, `returncode`."""
+
+    def __init__(self, script: str, argv: list[str]):
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(_PRELOAD)
+        ours, theirs = socket.socketpair()
+        self.process = context.Process(target=_run_script, args=(script, argv, theirs))
+        # multiprocessing would re-run this program's own script in the child first, to recreate its
+        # `__main__`; the step needs none of it
+        main = sys.modules["__main__"]
+        main_file = main.__dict__.pop("__file__", None)
+        try:
+            self.process.start()
+        finally:
+            if main_file is not None:
+                main.__file__ = main_file
+        theirs.close()
+        self.stdout = ours.makefile("r", encoding="utf-8", errors="replace")
+        ours.close()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self) -> int:
+        self.process.join()
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        self.process.kill()
+
+
+def start(command: list[str]) -> ForkedStep | subprocess.Popen:
+    """`command` running with its output (stdout and stderr) readable line by line: forked from the
+    preloaded server when it is one of our Python scripts and forking is safe here (Linux, this
+    process has not initialised CUDA), else as a plain subprocess."""
+    script = command[1] if len(command) > 1 and command[0] == sys.executable else ""
+    if script.endswith(".py") and sys.platform == "linux" and not torch.cuda.is_initialized():
+        return ForkedStep(script, command[2:])
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def run(command: list[str], timeout_s: float | None = None, stop_at_timeout: bool = False) -> str:
     """Run a step from the repo root, echoing its command; its output streams to the terminal and is
     returned. Past `timeout_s` the step fails, or with `stop_at_timeout` is stopped and its output
     so far returned."""
     print(f"\n$ {' '.join(shlex.quote(c) for c in command)}", flush=True)
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start(command)
     lines = []
     deadline = time.time() + timeout_s if timeout_s is not None else None
     for line in process.stdout:
