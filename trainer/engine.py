@@ -233,7 +233,8 @@ def open_dataset(dataset_class: type, data_path: Path, tokenizer, max_length: in
         dataset.file.check_all()
     except ValueError as error:
         sys.exit(f"error: {error}")
-    runtime.print(f"data: {data_path} ({len(dataset):,} lines)")
+    examples = f", {len(dataset):,} examples" if len(dataset) != len(dataset.file) else ""  # SFT, one per reply
+    runtime.print(f"data: {data_path} ({len(dataset.file):,} lines{examples})")
     return dataset
 
 
