@@ -5,6 +5,7 @@ from. A library, not an entry script: scripts import it, never each other.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import shlex
@@ -17,6 +18,19 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "dataset" / "demo"
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """`--device` and `--dtype`, passed on to every trainer and evaluation a measurement runs."""
+    parser.add_argument("--device", default="auto", help="(default: auto = cuda > mps > cpu)")
+    parser.add_argument("--dtype", default="auto", help="(default: auto, the trainers' dtype policy)")
+
+
+def output_dir(path: str | Path) -> Path:
+    """A measurement's folder, made if needed, as an absolute path (its steps run from the repo root)."""
+    out = Path(path).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def run(command: list[str], timeout_s: float | None = None, stop_at_timeout: bool = False) -> str:

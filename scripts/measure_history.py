@@ -36,7 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-from scripts.common import DEMO, REPO, accelerator_name, cpu_name, last_json, read_metrics, run
+from scripts.common import (DEMO, REPO, accelerator_name, add_device_args, cpu_name, last_json, output_dir,
+                            read_metrics, run)
 from scripts.report import binomial_interval, mcnemar_exact
 
 TRAINING_MODES = ("full", "query_utterance")
@@ -77,21 +78,25 @@ def main() -> None:
     parser.add_argument("--hidden_size", type=int, default=256, help="of the pretrained model, when this script trains it")
     parser.add_argument("--num_hidden_layers", type=int, default=4)
     parser.add_argument("--pretrain_epochs", type=int, default=1)
+    parser.add_argument("--pretrain_max_steps", type=int, default=0, help="stop pretraining after N steps (default: 0 = no cap)")
     parser.add_argument("--sft_epochs", type=int, default=2)
+    parser.add_argument("--sft_max_steps", type=int, default=0,
+                        help="stop each SFT run after N steps, the same compute for both (default: 0 = no cap)")
     parser.add_argument("--history_utterances", type=int, default=2,
                         help="K: earlier user utterances paired with the query, in training and answering (default: 2)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    add_device_args(parser)
     args = parser.parse_args()
-    out = Path(args.out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out_dir)
     python, start, timings = sys.executable, time.time(), {}
+
+    def step_cap(max_steps: int) -> list[str]:
+        """`--max_steps`: 6 in a quick run, else `max_steps` when it is set."""
+        return ["--max_steps", "6" if args.quick else str(max_steps)] if args.quick or max_steps else []
 
     def trainer(script: str, *flags: str) -> None:
         run([python, f"trainer/{script}", "--save_dir", str(out), "--checkpoint_dir", str(out / "checkpoints"),
              "--device", args.device, "--dtype", args.dtype, "--log_interval", "10", "--save_interval", "100000",
-             "--accumulation_steps", "1", "--max_seq_len", "256", "--batch_size", "16", "--warmup_steps", "20",
-             *(["--max_steps", "6"] if args.quick else []), *flags])
+             "--accumulation_steps", "1", "--max_seq_len", "256", "--batch_size", "16", "--warmup_steps", "20", *flags])
 
     # 1. The pretrained weights both SFT runs start from.
     since = time.time()
@@ -99,8 +104,8 @@ def main() -> None:
     if pretrained is None:
         size = ["--preset", "tiny"] if args.quick else ["--hidden_size", str(args.hidden_size),
                                                         "--num_hidden_layers", str(args.num_hidden_layers)]
-        trainer("train_pretrain.py", *size, "--from_weight", "none", "--learning_rate", "2e-3",
-                "--epochs", str(args.pretrain_epochs), "--data_path", str(DEMO / "pretrain.jsonl"))
+        trainer("train_pretrain.py", *size, *step_cap(args.pretrain_max_steps), "--from_weight", "none",
+                "--learning_rate", "2e-3", "--epochs", str(args.pretrain_epochs), "--data_path", str(DEMO / "pretrain.jsonl"))
         pretrained = next(out.glob("pretrain_*.pth"))
     timings["pretrain"] = round((time.time() - since) / 60, 1)
 
@@ -108,8 +113,8 @@ def main() -> None:
     sft = {}
     for training in TRAINING_MODES:
         since = time.time()
-        trainer("train_full_sft.py", "--from_weight", str(pretrained), "--save_weight", f"sft_{training}",
-                "--learning_rate", "1e-3", "--epochs", str(args.sft_epochs), "--data_path", str(DEMO / "sft.jsonl"),
+        trainer("train_full_sft.py", *step_cap(args.sft_max_steps), "--from_weight", str(pretrained),
+                "--save_weight", f"sft_{training}", "--learning_rate", "1e-3", "--epochs", str(args.sft_epochs), "--data_path", str(DEMO / "sft.jsonl"),
                 "--history_mode", training, "--history_utterances", str(args.history_utterances))
         sft[training] = next(out.glob(f"sft_{training}_*.pth"))
         timings[f"sft_{training}"] = round((time.time() - since) / 60, 1)
