@@ -20,7 +20,8 @@ questions. Here:
    in a training file) and the single-turn questions (`dataset/demo/eval.jsonl`, to see that nothing
    else got worse). Exact-match accuracy with a 95% Clopper-Pearson interval, the mean prompt length
    in tokens, and McNemar's exact test of each cell against full-trained, full-history answering on
-   the same questions.
+   the same questions; and the accuracy of always replying the most common answer, the level below
+   which a score says nothing about reading the conversation.
 
 `none` is the floor: without the earlier turn the recall question cannot be answered, so its accuracy
 is what guessing the number gives. Each step runs the real script a user would run (printed before
@@ -34,6 +35,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from scripts.common import (DEMO, REPO, accelerator_name, add_device_args, cpu_name, last_json, output_dir,
@@ -52,6 +54,13 @@ def cell(summary: dict, correct: list[bool]) -> dict:
             "interval_95": [low, high], "mean_prompt_tokens": summary["mean_prompt_tokens"], "answers": correct}
 
 
+def constant_answer_baseline(predictions: list[dict]) -> dict:
+    """What a model scores that gives every question the same reply, the most common reference answer:
+    the level below which an accuracy says nothing about reading the conversation."""
+    answer, count = Counter(str(p["answer"]) for p in predictions).most_common(1)[0]
+    return {"answer": answer, "accuracy": count / len(predictions)}
+
+
 def markdown_table(results: dict) -> str:
     """Rows: (SFT data, inference history); columns: each evaluation, and McNemar's p against the baseline."""
     lines = ["| SFT data | inference history | " + " | ".join(f"{name} exact match [95% CI] | mean prompt tokens"
@@ -65,6 +74,9 @@ def markdown_table(results: dict) -> str:
             test = cells["multi-turn recall"].get("vs_baseline")
             versus = "baseline" if test is None else f"+{test['gained']}/−{test['lost']}, p = {test['p_value']:.3g}"
             lines.append(f"| {training} | {inference} | " + " | ".join(figures) + f" | {versus} |")
+    constant = results["constant_answer_baseline"]
+    lines += ["", "Always replying the most common answer: " + ", ".join(
+        f"{name} {constant[name]['accuracy']:.1%} (\"{constant[name]['answer']}\")" for name in EVALUATIONS) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -122,6 +134,7 @@ def main() -> None:
     # 3. Every model, every inference mode, both evaluations.
     since = time.time()
     cells: dict = {training: {inference: {} for inference in INFERENCE_MODES} for training in TRAINING_MODES}
+    constant: dict = {}
     for training, weights in sft.items():
         for inference in INFERENCE_MODES:
             for name, path in EVALUATIONS.items():
@@ -133,6 +146,7 @@ def main() -> None:
                                          *(["--max_samples", "20"] if args.quick else [])]))
                 predictions = json.loads(details.read_text(encoding="utf-8"))["predictions"]
                 cells[training][inference][name] = cell(summary, [p["correct"] for p in predictions])
+                constant[name] = constant_answer_baseline(predictions)
     timings["evaluation"] = round((time.time() - since) / 60, 1)
     baseline = {name: cells["full"]["full"][name]["answers"] for name in EVALUATIONS}
     for training in TRAINING_MODES:
@@ -148,7 +162,7 @@ def main() -> None:
         "stage_minutes": timings, "pretrained": str(pretrained), "history_utterances": args.history_utterances,
         "sft": {training: {"weights": str(sft[training]), "steps": record["step"], "tokens": record["tokens"],
                            "final_loss": record["loss"]} for training, record in final_records.items()},
-        "cells": cells,
+        "constant_answer_baseline": constant, "cells": cells,
     }
     (out / "history.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
     (out / "history.md").write_text(markdown_table(results), encoding="utf-8")

@@ -63,7 +63,10 @@ def test_measure_history_trains_both_ways_and_answers_with_every_history_mode(tm
         assert recall["none"] < recall["query_utterance"] < recall["full"]  # the history each mode sends
         single = {cells[inference]["single-turn"]["mean_prompt_tokens"] for inference in cells}
         assert len(single) == 1  # a single question has no history to choose from
-    assert "| query_utterance | query_utterance |" in (tmp_path / "history" / "history.md").read_text(encoding="utf-8")
+    for baseline in results["constant_answer_baseline"].values():
+        assert baseline["answer"].isdigit() and 1 / 20 <= baseline["accuracy"] <= 1
+    table = (tmp_path / "history" / "history.md").read_text(encoding="utf-8")
+    assert "| query_utterance | query_utterance |" in table and "Always replying the most common answer" in table
     assert json.loads((tmp_path / "history" / "history.json").read_text(encoding="utf-8")) == results
 
 
