@@ -99,7 +99,7 @@ def enable_thinking(args: argparse.Namespace) -> bool | None:
 # ---------------------------------------------------------------------------------------------
 
 def chat(args: argparse.Namespace, model, tokenizer, questions: Iterable[str], echo: bool) -> None:
-    """Answer each question, streaming; earlier exchanges stay in the conversation as --historys says."""
+    """Answer each question, streaming; the earlier exchanges sent with it are chosen by --history_mode (and --historys)."""
     max_prompt_tokens = context_length(model) - args.max_new_tokens
     if max_prompt_tokens <= 0:
         sys.exit(f"error: --max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the "

@@ -126,8 +126,8 @@ def main() -> None:
     for training in TRAINING_MODES:
         since = time.time()
         trainer("train_full_sft.py", *step_cap(args.sft_max_steps), "--from_weight", str(pretrained),
-                "--save_weight", f"sft_{training}", "--learning_rate", "1e-3", "--epochs", str(args.sft_epochs), "--data_path", str(DEMO / "sft.jsonl"),
-                "--history_mode", training, "--history_utterances", str(args.history_utterances))
+                "--save_weight", f"sft_{training}", "--learning_rate", "1e-3", "--epochs", str(args.sft_epochs),
+                "--data_path", str(DEMO / "sft.jsonl"), "--history_mode", training, "--history_utterances", str(args.history_utterances))
         sft[training] = next(out.glob(f"sft_{training}_*.pth"))
         timings[f"sft_{training}"] = round((time.time() - since) / 60, 1)
 
