@@ -2,6 +2,7 @@
 
     python eval_llm.py                                        # canned questions to out/full_sft_512.pth
     python eval_llm.py --mode chat --historys 2               # type questions; the last 2 exchanges are kept
+    python eval_llm.py --mode chat --history_mode query_utterance   # ... with the 2 earlier questions most like the new one
     python eval_llm.py --weight pretrain                      # out/pretrain_512.pth
     python eval_llm.py --load_from path/to/model.pth          # a .pth, an HF directory, any transformers chat model
     python eval_llm.py --eval_file dataset/demo/eval.jsonl    # exact-match accuracy, overall and per task
@@ -27,7 +28,8 @@ from tqdm import tqdm
 
 from dataset.lm_dataset import JsonlFile, check_prompt, check_text, dataset_for_file, pad_rows
 from dataset.tasks import is_correct
-from model.chat_format import PromptTooLong, fit_history, render_prompt, start_messages, typed_questions
+from model.chat_format import PromptTooLong, count_tokens, fit_history, render_prompt, start_messages, typed_questions
+from model.cli import add_history_args
 from model.loader import (add_model_args, add_switch, chat_stream, context_length, describe, describe_training,
                           generate_batch, load_from_args)
 from model.model_minimind import next_token_nll
@@ -55,8 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     chat.add_argument("--prompts", nargs="+", default=None, metavar="TEXT",
                       help="with --mode auto: these questions instead of the canned ones")
     chat.add_argument("--historys", type=int, default=0,
-                      help="past exchanges (question + answer) kept in the prompt; 0 = every question alone. "
-                           "Older ones are dropped first, also when the prompt would not fit the context")
+                      help="with --history_mode full: past exchanges (question + answer) kept in the prompt; 0 = every "
+                           "question alone. Older ones are dropped first, also when the prompt would not fit the context")
+    add_history_args(chat, full="past exchanges as --historys says (an --eval_file record: all of its history)",
+                     none="the system prompt and the question alone")
     chat.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens (default: 512)")
     chat.add_argument("--temperature", type=float, default=0.85, help="0 = greedy (default: 0.85)")
     chat.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling threshold (default: 0.85)")
@@ -70,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation = parser.add_argument_group("evaluation (instead of chatting)")
     evaluation.add_argument("--eval_file", default=None,
                             help="jsonl of {conversations, answer, task}: greedy answers scored by exact match "
-                                 "(e.g. dataset/demo/eval.jsonl)")
+                                 "(e.g. dataset/demo/eval.jsonl); a multi-turn record's history is sent as "
+                                 "--history_mode says")
     evaluation.add_argument("--ppl_file", default=None,
                             help="jsonl of {text} (all tokens count) or {conversations} (only assistant tokens count)")
     evaluation.add_argument("--eval_out", default=None, help="also write the results, with every prediction, to this JSON file")
@@ -94,7 +99,7 @@ def enable_thinking(args: argparse.Namespace) -> bool | None:
 # ---------------------------------------------------------------------------------------------
 
 def chat(args: argparse.Namespace, model, tokenizer, questions: Iterable[str], echo: bool) -> None:
-    """Answer each question, streaming; earlier exchanges stay in the conversation as --historys says."""
+    """Answer each question, streaming; the earlier exchanges sent with it are chosen by --history_mode (and --historys)."""
     max_prompt_tokens = context_length(model) - args.max_new_tokens
     if max_prompt_tokens <= 0:
         sys.exit(f"error: --max_new_tokens {args.max_new_tokens} leaves no room for a prompt in the "
@@ -106,7 +111,8 @@ def chat(args: argparse.Namespace, model, tokenizer, questions: Iterable[str], e
         conversation.append({"role": "user", "content": question})
         try:
             messages = fit_history(tokenizer, conversation, max_prompt_tokens, keep_turns=args.historys,
-                                   enable_thinking=enable_thinking(args))
+                                   enable_thinking=enable_thinking(args), history_mode=args.history_mode,
+                                   history_utterances=args.history_utterances)
         except PromptTooLong as error:
             print(f"(skipped: {error})", file=sys.stderr)
             conversation.pop()
@@ -152,6 +158,13 @@ def question_messages(record: dict, system_prompt: str | None) -> list[dict]:
     return start_messages(system_prompt) + conversation
 
 
+def question_prompt(args: argparse.Namespace, tokenizer, record: dict) -> str:
+    """The prompt for a record, its history sent as `--history_mode` says (all of it in `full`)."""
+    messages = fit_history(None, question_messages(record, args.system_prompt), history_mode=args.history_mode,
+                           history_utterances=args.history_utterances)
+    return render_prompt(tokenizer, messages, enable_thinking=enable_thinking(args))
+
+
 # ---------------------------------------------------------------------------------------------
 # Exact-match accuracy
 # ---------------------------------------------------------------------------------------------
@@ -187,13 +200,14 @@ def score(records: list[dict], predictions: list[str]) -> dict:
 
 def evaluate_accuracy(args: argparse.Namespace, model, tokenizer, path: Path) -> tuple[dict, list[dict]]:
     records = read_questions(path, args.max_samples)
-    prompts = [render_prompt(tokenizer, question_messages(record, args.system_prompt), enable_thinking=enable_thinking(args))
-               for record in records]
+    prompts = [question_prompt(args, tokenizer, record) for record in records]
     predictions = greedy_answers(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)
+    prompt_tokens = [count_tokens(tokenizer, prompt) for prompt in prompts]
     details = [{"question": question_messages(record, None)[-1]["content"], "answer": record["answer"], "prediction": prediction,
                 "correct": is_correct(prediction, str(record["answer"])), "task": record.get("task")}
                for record, prediction in zip(records, predictions)]
-    return {"eval_file": str(path), **score(records, predictions)}, details
+    return {"eval_file": str(path), "history_mode": args.history_mode,
+            "mean_prompt_tokens": sum(prompt_tokens) / max(len(prompt_tokens), 1), **score(records, predictions)}, details
 
 
 def print_table(summary: dict) -> None:

@@ -6,6 +6,7 @@ Four dataset classes, one per jsonl format (CONVENTIONS §3), each with the orig
 
     PretrainDataset   {"text": str}                          -> [bos] + text + [eos], every token learned
     SFTDataset        {"conversations": [msgs]}              -> chat template; only assistant replies learned
+                                                                (or, with a `history_mode`, one item per reply)
     DPODataset        {"chosen": [msgs], "rejected": [msgs]} -> both sides, labelled as in SFT
     RLAIFDataset      {"conversations": [msgs], "answer"?}   -> a prompt ending in the generation prompt
 
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
+
+from model.chat_format import DEFAULT_HISTORY_UTTERANCES, HISTORY_MODES, fit_history
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -241,13 +244,17 @@ class ChatEncoder:
             search_from = end
         return spans
 
-    def encode_conversation(self, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
-        """Token ids of the whole conversation and labels that are -100 outside assistant replies."""
+    def encode_conversation(self, messages: list[dict], max_length: int,
+                            last_reply_only: bool = False) -> tuple[list[int], list[int]]:
+        """Token ids of the whole conversation and labels that are -100 outside assistant replies
+        (outside the last one, with `last_reply_only`: the earlier ones are context)."""
         messages, tools = normalize_conversation(messages)
         text = self.render(messages, tools)
         spans = self.assistant_spans(text)
         if not spans and any(m["role"] == "assistant" for m in messages):
             raise ValueError(f"the chat template does not open assistant turns with {self.header!r}")
+        if last_reply_only:
+            spans = spans[-1:]
         pieces, cut = [], 0  # (text, learned?) alternating outside / inside assistant replies
         for start, end in spans:
             pieces += [(text[cut:start], False), (text[start:end], True)]
@@ -353,12 +360,56 @@ class ChatDataset(JsonlDataset):
 
 
 class SFTDataset(ChatDataset):
-    """`{"conversations": [...]}` -> the rendered chat; labels on assistant replies only."""
+    """`{"conversations": [...]}` -> the rendered chat; labels on assistant replies only.
+
+    `history_mode="full"` (the default, MiniMind's data): item i is line i, the whole conversation with
+    every reply learned. `query_utterance` or `none`: every assistant reply is an item of its own,
+    its context the conversation before it as `chat_format.fit_history` sends it at inference in that
+    mode, and only that reply learned, so that the model trains on prompts of the shape it will be
+    asked with. Each reply needs its own item because each sees a different, compacted history (in
+    `full` mode a reply's history is the whole conversation before it, so one item holds them all).
+    Opening such a dataset reads every line once to find the replies.
+    """
 
     validate_record = staticmethod(check_conversation)
 
+    def __init__(self, data_path: str | os.PathLike, tokenizer, max_length: int = 1024, history_mode: str = "full",
+                 history_utterances: int = DEFAULT_HISTORY_UTTERANCES):
+        super().__init__(data_path, tokenizer, max_length)
+        if history_mode not in HISTORY_MODES:
+            raise ValueError(f"history_mode {history_mode!r}: expected one of {', '.join(HISTORY_MODES)}")
+        self.history_mode, self.history_utterances = history_mode, history_utterances
+        self.replies = None if history_mode == "full" else self.index_replies()
+
+    def index_replies(self) -> np.ndarray:
+        """(line, message position) of every assistant reply of the file, in order."""
+        replies = [(line, position) for line in range(len(self.file))
+                   for position, message in enumerate(self.file[line]["conversations"]) if message["role"] == "assistant"]
+        return np.array(replies, dtype=np.int64).reshape(-1, 2)
+
+    def __len__(self) -> int:
+        return len(self.file) if self.replies is None else len(self.replies)
+
+    def __getitem__(self, i: int) -> dict:
+        if self.replies is None:
+            return super().__getitem__(i)
+        line, position = (int(n) for n in self.replies[i])
+        record = self.file[line]
+        try:
+            return self.encode_reply(record["conversations"], position)
+        except ValueError as e:
+            raise self.file.error(line, e) from None
+
     def encode(self, record: dict) -> dict:
         return self.encode_messages(record["conversations"])
+
+    def encode_reply(self, messages: list[dict], position: int) -> dict:
+        """The reply `messages[position]` after its history as `history_mode` compacts it; only it learned."""
+        context = fit_history(None, messages[:position], history_mode=self.history_mode,
+                              history_utterances=self.history_utterances)
+        input_ids, labels = self.chat.encode_conversation(context + [messages[position]], self.max_length,
+                                                          last_reply_only=True)
+        return {"input_ids": _long(input_ids), "labels": _long(labels)}
 
 
 class DPODataset(ChatDataset):

@@ -14,7 +14,10 @@ a tokenizer is only ever passed in.
 from __future__ import annotations
 
 import json
+import math
+import re
 import uuid
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
@@ -203,23 +206,108 @@ def split_turns(messages: list[Message]) -> tuple[list[Message], list[list[Messa
     return system, turns
 
 
+# What the history is made of, for each `history_mode`:
+#   full            every past turn, as it was (MiniMind's behaviour, and the default);
+#   query_utterance the few earlier *user* utterances most relevant to the latest query (below);
+#   none            nothing: the system message and the latest turn alone.
+HISTORY_MODES = ("full", "query_utterance", "none")
+DEFAULT_HISTORY_UTTERANCES = 2
+
+_CHINESE = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK unified ideographs (with extension A) and compatibility ones
+_CHINESE_RUN = re.compile(f"[{_CHINESE}]+")
+_TERM_RUNS = re.compile(rf"[{_CHINESE}]+|[^\W{_CHINESE}]+")  # a run of Chinese characters, or a word (letters, digits)
+
+
+def lexical_terms(text: str) -> list[str]:
+    """The terms BM25 matches on. Chinese has no spaces, so a run of Chinese characters gives its
+    characters and their bigrams (苹果 -> 苹, 果, 苹果): a word of one or two characters matches
+    without a segmenter. Other text gives its lower-cased words; punctuation is dropped."""
+    terms = []
+    for run in _TERM_RUNS.findall(text.lower()):
+        if _CHINESE_RUN.fullmatch(run):
+            terms += list(run) + [run[k:k + 2] for k in range(len(run) - 1)]
+        else:
+            terms.append(run)
+    return terms
+
+
+def bm25_scores(query: str, documents: list[str], k1: float = 1.2, b: float = 0.75) -> list[float]:
+    """Okapi BM25 relevance of each document to the query (Robertson and Zaragoza, 2009):
+
+        score(d) = sum over distinct query terms t of  idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))
+        idf(t)   = ln(1 + (N - n(t) + 0.5) / (n(t) + 0.5))
+
+    with tf the term's count in d, |d| its length in terms, avgdl the mean length, N the documents
+    and n(t) how many contain t. A term rare among the documents weighs more (idf, Lucene's form,
+    never negative); repeating a term helps less and less (k1); a long document's counts are
+    discounted toward the average length (b)."""
+    bags = [Counter(lexical_terms(document)) for document in documents]
+    lengths = [sum(bag.values()) for bag in bags]
+    average_length = max(sum(lengths) / max(len(lengths), 1), 1.0)
+    containing = Counter(term for bag in bags for term in bag)
+    idf = {term: math.log(1 + (len(bags) - containing[term] + 0.5) / (containing[term] + 0.5))
+           for term in set(lexical_terms(query))}
+    return [sum((idf[term] * bag[term] * (k1 + 1) / (bag[term] + k1 * (1 - b + b * length / average_length))
+                 for term in idf if bag[term]), 0.0)
+            for bag, length in zip(bags, lengths)]
+
+
+def select_utterances(query: str, utterances: list[str], k: int) -> list[int]:
+    """The positions of the `k` utterances most relevant to `query` by BM25, in their original
+    order. Ties go to the more recent one, so when fewer than `k` share a term with the query the
+    rest of the places go to the latest utterances, as a plain history would keep them."""
+    scores = bm25_scores(query, utterances)
+    ranked = sorted(range(len(utterances)), key=lambda i: (scores[i], i), reverse=True)
+    return sorted(ranked[:k])
+
+
+def with_utterances(question: Message, utterances: list[str]) -> Message:
+    """The latest user message with the chosen earlier utterances before it, one per line: the model
+    sees one ordinary user turn, in the chat template's format, whatever it was trained on."""
+    if not utterances:
+        return question
+    return {**question, "content": "\n".join([*utterances, question["content"]])}
+
+
 def fit_history(tokenizer: PreTrainedTokenizerBase | None, messages: list[Message], max_prompt_tokens: int | None = None,
                 keep_turns: int | None = None, *, enable_thinking: bool | None = None,
-                tools: list[dict] | None = None) -> list[Message]:
-    """The history policy, the one every chat program applies: the messages to send are the system
-    message, at most `keep_turns` past turns (None = all) and the latest turn, dropping the oldest
-    turns until the rendered prompt fits `max_prompt_tokens`. Whole turns go, never part of one
-    (a tool call stays with its result); raises PromptTooLong when the latest turn alone is too long.
+                tools: list[dict] | None = None, history_mode: str = "full",
+                history_utterances: int = DEFAULT_HISTORY_UTTERANCES) -> list[Message]:
+    """The history policy, the one every chat program applies: the messages to send for the latest
+    turn, given the whole conversation. The system message and the latest turn (a user message and
+    the tool calls and results that answer it so far) are always sent; what else goes depends on
+    `history_mode`:
+
+    * `full`: at most `keep_turns` past turns (None = all), whole (a tool call stays with its result);
+    * `query_utterance`: the `history_utterances` earlier user utterances most relevant to the latest
+      user message (BM25 over words and Chinese characters, `select_utterances`), in their order,
+      put before it in the same user message, one per line (`with_utterances`). Assistant replies and
+      tool turns of the past are dropped: a small model's context holds the question and what the
+      user said that bears on it, not everything said. `keep_turns` plays no part;
+    * `none`: nothing else.
+
+    The oldest of what was chosen goes first until the rendered prompt fits `max_prompt_tokens`;
+    raises PromptTooLong when the system message and the latest turn alone are too long.
     `max_prompt_tokens=None` sets no token budget, and needs no tokenizer: for a client whose server
-    fits the prompt to its own context."""
+    fits the prompt to its own context, and for building training data."""
     system, turns = split_turns(messages)
     if not turns:
         return list(messages)
-    history, latest = turns[:-1], turns[-1]
-    if keep_turns is not None:
-        history = history[max(0, len(history) - keep_turns):]
+    past, latest = turns[:-1], turns[-1]
+    if history_mode == "full":
+        history = past if keep_turns is None else past[max(0, len(past) - keep_turns):]
+        assemble = lambda kept: system + [message for turn in kept for message in turn] + latest
+    elif history_mode == "query_utterance":
+        utterances = [turn[0]["content"] or "" for turn in past if turn[0]["role"] == "user"]
+        query = (latest[0]["content"] or "") if latest[0]["role"] == "user" else ""
+        history = [utterances[i] for i in select_utterances(query, utterances, history_utterances)]
+        assemble = lambda kept: system + [with_utterances(latest[0], kept)] + latest[1:]
+    elif history_mode == "none":
+        history, assemble = [], lambda kept: system + latest
+    else:
+        raise ValueError(f"history_mode {history_mode!r}: expected one of {', '.join(HISTORY_MODES)}")
     while True:
-        kept = system + [message for turn in history for message in turn] + latest
+        kept = assemble(history)
         if max_prompt_tokens is None:
             return kept
         tokens = count_tokens(tokenizer, render_prompt(tokenizer, kept, enable_thinking=enable_thinking, tools=tools))

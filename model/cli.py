@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from model.chat_format import DEFAULT_HISTORY_UTTERANCES, HISTORY_MODES
+
 
 def add_switch(group: argparse._ActionsContainer, *names: str, default: int | None = 0, help: str) -> None:
     """An on/off flag, spelled the same way in every script: `--name 1` / `--name 0` as the original
@@ -12,3 +14,26 @@ def add_switch(group: argparse._ActionsContainer, *names: str, default: int | No
     (`default` when the flag is absent; None = the script decides). Several `names` are aliases of
     the first, which names the value."""
     group.add_argument(*names, nargs="?", const=1, type=int, choices=[0, 1], default=default, help=help)
+
+
+QUERY_UTTERANCE_HELP = ("query_utterance = only the --history_utterances earlier user utterances most relevant to the "
+                        "question (BM25 over words and Chinese characters and character pairs; ties go to the more "
+                        "recent), in their order, one per line before the question in its user message; "
+                        "assistant replies dropped")
+
+
+def add_history_args(group: argparse._ActionsContainer, *, full: str, none: str, default: str = "full") -> None:
+    """`--history_mode` and `--history_utterances`, the switches of `chat_format.fit_history`, spelled
+    and explained the same way in every program; `full` and `none` say what those modes mean there."""
+    group.add_argument("--history_mode", default=default, choices=HISTORY_MODES,
+                       help=f"full = {full}; {QUERY_UTTERANCE_HELP}; none = {none} (default: {default})")
+    group.add_argument("--history_utterances", type=non_negative_int, default=DEFAULT_HISTORY_UTTERANCES, metavar="K",
+                       help=f"with --history_mode query_utterance: how many earlier user utterances go with the "
+                            f"question (default: {DEFAULT_HISTORY_UTTERANCES})")
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value

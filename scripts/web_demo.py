@@ -25,7 +25,8 @@ from typing import Iterator
 import streamlit as st
 from streamlit import runtime
 
-from model.chat_format import PromptTooLong, fit_history, split_reasoning, split_turns, start_messages
+from model.chat_format import HISTORY_MODES, PromptTooLong, fit_history, split_reasoning, split_turns, start_messages
+from model.cli import add_history_args
 from model.loader import (DEFAULT_SAVE_DIR, NATIVE, add_model_args, add_switch, chat_stream, context_length, describe,
                           load_model_and_tokenizer, resolve_path, size_config, weight_file_name)
 
@@ -42,7 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     api.add_argument("--api_model", default="minimind", help="model name sent to the API (default: minimind)")
     api.add_argument("--api_key", default=os.environ.get("OPENAI_API_KEY", "none"), help="default: $OPENAI_API_KEY, else 'none'")
     chat = parser.add_argument_group("starting values of the sidebar")
-    chat.add_argument("--historys", type=int, default=4, help="past exchanges kept in the prompt (default: 4)")
+    chat.add_argument("--historys", type=int, default=4, help="with --history_mode full: past exchanges kept in the prompt (default: 4)")
+    add_history_args(chat, full="past exchanges as --historys says", none="the system prompt and the question alone")
     chat.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens (default: 512)")
     chat.add_argument("--temperature", type=float, default=0.85, help="0 = greedy (default: 0.85)")
     chat.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling threshold (default: 0.85)")
@@ -101,6 +103,8 @@ class Settings:
     api_model: str
     api_key: str
     history_turns: int
+    history_mode: str
+    history_utterances: int
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -130,7 +134,13 @@ def sidebar(args: argparse.Namespace, save_dir: Path) -> Settings:
     bar.divider()
     return Settings(
         source=source, model_path=model_path, api_base=api_base, api_model=api_model, api_key=api_key,
-        history_turns=bar.slider("History (past exchanges kept)", 0, 20, args.historys, key="history_turns"),
+        history_mode=bar.selectbox("History mode", HISTORY_MODES, index=HISTORY_MODES.index(args.history_mode),
+                                   key="history_mode", help="full: past exchanges as the slider below says; "
+                                   "query_utterance: the earlier user messages most like the new one (BM25), one per line "
+                                   "before it, answers left out; none: the question alone"),
+        history_turns=bar.slider("History (past exchanges kept, full mode)", 0, 20, args.historys, key="history_turns"),
+        history_utterances=bar.slider("Earlier user messages kept (query_utterance mode)", 0,
+                                      max(8, args.history_utterances), args.history_utterances, key="history_utterances"),
         max_new_tokens=bar.slider("Max new tokens", 16, 4096, args.max_new_tokens, step=16, key="max_new_tokens"),
         temperature=bar.slider("Temperature (0 = greedy)", 0.0, 1.5, args.temperature, step=0.05, key="temperature"),
         top_p=bar.slider("Top-p", 0.05, 1.0, args.top_p, step=0.05, key="top_p"),
@@ -158,7 +168,8 @@ def local_reply(model, tokenizer, conversation: list[dict], settings: Settings) 
     if budget <= 0:
         raise ValueError(f"Max new tokens {settings.max_new_tokens} leaves no room for a prompt in this model's "
                          f"{context_length(model)}-token context: lower it in the sidebar.")
-    conversation = fit_history(tokenizer, conversation, budget, settings.history_turns, enable_thinking=settings.thinking)
+    conversation = fit_history(tokenizer, conversation, budget, settings.history_turns, enable_thinking=settings.thinking,
+                               history_mode=settings.history_mode, history_utterances=settings.history_utterances)
     text = ""
     with chat_stream(model, tokenizer, conversation, max_new_tokens=settings.max_new_tokens,
                      temperature=settings.temperature, top_p=settings.top_p,
@@ -171,11 +182,12 @@ def local_reply(model, tokenizer, conversation: list[dict], settings: Settings) 
 def api_reply(conversation: list[dict], settings: Settings) -> Iterator[tuple[str, str]]:
     """The same through an OpenAI-compatible server. Ours (and vLLM's) sends the thinking apart, as
     `reasoning_content`; a server that leaves it in the text gets it split here. The server fits the
-    history to its model's context; only the number of past exchanges is chosen here."""
+    history to its model's context; which past messages go (the history mode) is chosen here."""
     from openai import OpenAI, OpenAIError  # optional: only this source needs it
 
     client = OpenAI(base_url=settings.api_base, api_key=settings.api_key or "none")
-    conversation = fit_history(None, conversation, keep_turns=settings.history_turns)
+    conversation = fit_history(None, conversation, keep_turns=settings.history_turns, history_mode=settings.history_mode,
+                               history_utterances=settings.history_utterances)
     reasoning, content = "", ""
     try:
         with client.chat.completions.create(

@@ -2,6 +2,7 @@
 whole or while they stream, checked against what the chat template itself writes; the history
 policy (whole turns, oldest first); and the module stays free of torch."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from model.chat_format import (PromptTooLong, ReplyParser, final_answer, fit_history, render_prompt, split_reasoning,
-                               thinking_well_formed, typed_questions)
+from model.chat_format import (PromptTooLong, ReplyParser, bm25_scores, count_tokens, final_answer, fit_history,
+                               lexical_terms, render_prompt, select_utterances, split_reasoning, thinking_well_formed,
+                               typed_questions)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUESTION = {"role": "user", "content": "Weather in Paris?"}
@@ -196,6 +198,75 @@ def test_fit_history_without_a_token_budget_needs_no_tokenizer():
     assert fit_history(None, messages) == messages
     assert fit_history(None, messages, keep_turns=1) == messages[:1] + messages[5:]
     assert fit_history(None, messages, keep_turns=0) == [messages[0], messages[-1]]
+
+
+# --- history modes: query-utterance pairing and none ---------------------------------------------
+
+# The issue's example: the query shares no term with the history, so both user utterances are kept.
+BOOKING = [{"role": "user", "content": "我想订一张去上海的机票。"},
+           {"role": "assistant", "content": "好的，请告诉我出发地和日期。"},
+           {"role": "user", "content": "从北京出发，明天。"},
+           {"role": "user", "content": "多少钱？"}]
+
+
+def test_query_utterance_keeps_the_user_utterances_drops_the_assistant_and_is_shorter(tokenizer):
+    fitted = fit_history(tokenizer, BOOKING, 10_000, history_mode="query_utterance")
+    assert fitted == [{"role": "user", "content": "我想订一张去上海的机票。\n从北京出发，明天。\n多少钱？"}]
+    prompt = render_prompt(tokenizer, fitted)
+    assert prompt == tokenizer.apply_chat_template(fitted, tokenize=False, add_generation_prompt=True)
+    assert "请告诉我出发地和日期" not in prompt and prompt.count("<|im_start|>user") == 1
+    assert count_tokens(tokenizer, prompt) < count_tokens(tokenizer, render_prompt(tokenizer, fit_history(tokenizer, BOOKING)))
+
+
+def test_none_sends_only_the_system_prompt_and_the_query(tokenizer):
+    messages = conversation_of(4)
+    assert fit_history(tokenizer, messages, 10_000, history_mode="none") == [messages[0], messages[-1]]
+    assert fit_history(None, BOOKING, history_mode="none") == BOOKING[-1:]
+
+
+def test_bm25_picks_the_relevant_utterance_over_more_recent_ones():
+    earlier = ["我有 7 个苹果。", "今天天气怎么样？", "讲一个故事吧。"]
+    assert select_utterances("又买了 5 个苹果，现在一共有几个苹果？", earlier, 1) == [0]
+    assert select_utterances("How many apples do I have now?", ["I have 7 apples.", "Is it raining?", "Tell me a joke."], 1) == [0]
+    # with fewer overlapping utterances than places, the rest go to the most recent, kept in order
+    assert select_utterances("又买了 5 个苹果，现在一共有几个苹果？", earlier, 2) == [0, 2]
+
+
+def test_bm25_ties_go_to_the_more_recent_utterance():
+    assert select_utterances("多少钱？", ["第一句。", "第二句。", "第三句。"], 2) == [1, 2]
+    assert select_utterances("apples", ["apples please", "apples please", "no"], 1) == [1]
+
+
+def test_bm25_scores_by_hand():
+    """Two documents, one query term in one of them: idf = ln(1 + 1.5 / 1.5); |d| = 2 terms = avgdl."""
+    assert lexical_terms("Apples, 苹果!") == ["apples", "苹", "果", "苹果"]
+    scores = bm25_scores("apples", ["apples please", "no thanks"])
+    assert scores[1] == 0.0
+    assert abs(scores[0] - math.log(2) * 1 * 2.2 / (1 + 1.2)) < 1e-12
+
+
+def test_query_utterance_keeps_the_latest_turns_tool_messages_and_trims_oldest_utterance_first(tokenizer):
+    call = {"role": "assistant", "content": "", "tool_calls": [{"name": "weather", "arguments": {"city": "Paris"}}]}
+    messages = [{"role": "system", "content": "You are MiniMind."},
+                {"role": "user", "content": "I live in Paris."}, {"role": "assistant", "content": "Nice."},
+                {"role": "user", "content": "I like the rain in Paris."}, {"role": "assistant", "content": "Me too."},
+                {"role": "user", "content": "Weather in Paris today?"}, call, {"role": "tool", "content": "sunny"}]
+    both = fit_history(tokenizer, messages, 10_000, history_mode="query_utterance")
+    assert both == [messages[0], {"role": "user", "content": "I live in Paris.\nI like the rain in Paris.\nWeather in Paris today?"},
+                    call, messages[-1]]
+    one = [messages[0], {"role": "user", "content": "I like the rain in Paris.\nWeather in Paris today?"}, call, messages[-1]]
+    assert fit_history(tokenizer, messages, prompt_tokens(tokenizer, one), history_mode="query_utterance") == one
+    alone = [messages[0], messages[5], call, messages[-1]]
+    assert fit_history(tokenizer, messages, prompt_tokens(tokenizer, alone), history_mode="query_utterance") == alone
+    with pytest.raises(PromptTooLong):
+        fit_history(tokenizer, messages, prompt_tokens(tokenizer, alone) - 1, history_mode="query_utterance")
+    with pytest.raises(PromptTooLong):
+        fit_history(tokenizer, messages, prompt_tokens(tokenizer, alone) - 1, history_mode="none")
+
+
+def test_an_unknown_history_mode_is_refused():
+    with pytest.raises(ValueError, match="history_mode 'recent'"):
+        fit_history(None, BOOKING, history_mode="recent")
 
 
 # --- the terminal --------------------------------------------------------------------------------

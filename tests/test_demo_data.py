@@ -14,8 +14,8 @@ from scripts.make_demo_data import main as make_demo_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO_ROOT / "dataset" / "demo"
-FILES = ["pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "rlaif.jsonl", "reason.jsonl", "eval.jsonl"]
-TRAINING_FILES = [name for name in FILES if name != "eval.jsonl"]
+FILES = ["pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "rlaif.jsonl", "reason.jsonl", "eval.jsonl", "multiturn_eval.jsonl"]
+TRAINING_FILES = [name for name in FILES if name not in ("eval.jsonl", "multiturn_eval.jsonl")]
 BENCHMARK_FILES = sorted(str(path.relative_to(DEMO_DIR)) for path in DEMO_DIR.glob("c*/*/*.csv"))
 LONG_TEXT = "long_text.jsonl"
 TASKS = {"add_1digit", "sub_1digit", "successor", "compare", "count_items", "count_letters", "unit_convert",
@@ -130,6 +130,13 @@ def check_eval(row):
     assert row["task"] in TASKS and row["lang"] in {"zh", "en"}
 
 
+def check_multiturn_eval(row):
+    assert set(row) == {"conversations", "answer", "task", "lang"} and row["task"] == "recall"
+    check_conversation(row["conversations"], ends_with_assistant=False)
+    assert row["conversations"][-1]["role"] == "user"
+    assert sum(message["role"] == "user" for message in row["conversations"]) >= 3  # the fact, a distractor, the question
+
+
 def check_reason(row):
     assert set(row) == {"conversations", "answer"}
     check_conversation(row["conversations"])
@@ -143,7 +150,8 @@ def check_reason(row):
 
 
 VALIDATORS = {"pretrain.jsonl": check_pretrain, "sft.jsonl": check_sft, "dpo.jsonl": check_dpo,
-              "rlaif.jsonl": check_rlaif, "reason.jsonl": check_reason, "eval.jsonl": check_eval}
+              "rlaif.jsonl": check_rlaif, "reason.jsonl": check_reason, "eval.jsonl": check_eval,
+              "multiturn_eval.jsonl": check_multiturn_eval}
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -248,6 +256,51 @@ def test_single_turn_sft_task_answers_are_right():
     assert checked >= 5000
 
 
+RECALL_FACT = re.compile(r"我有 (\d+) (.)(.+)。|I have (\d+) (\w+)\.")
+RECALL_QUESTION = re.compile(r"(又买了|送给朋友) (\d+) (.)(.+)，现在(?:一共有|还剩)几\3\4？"
+                             r"|I (bought|gave) (\d+) (?:more )?\w+(?: to a friend)?\. How many (\w+) do I have (?:now|left)\?")
+
+
+def solve_recall(conversation: list[dict]) -> tuple[str, str, int]:
+    """The fact and the question of a recall conversation, and the answer worked out from their text
+    alone: the one earlier user turn that states a count of the thing the last question asks about."""
+    question = RECALL_QUESTION.fullmatch(conversation[-1]["content"])
+    zh = question[1] is not None
+    thing = question[3] + question[4] if zh else question[7]
+    change = int(question[2] if zh else question[6]) * (1 if (question[1] or question[5]) in ("又买了", "bought") else -1)
+    facts = [(message["content"], fact) for message in conversation[:-1] if message["role"] == "user"
+             and (fact := RECALL_FACT.fullmatch(message["content"]))
+             and (fact[2] + fact[3] if fact[1] else fact[5]) == thing]
+    [(fact_text, fact)] = facts
+    return fact_text, conversation[-1]["content"], int(fact[1] or fact[4]) + change
+
+
+def recall_conversations(name: str) -> list[list[dict]]:
+    return [row["conversations"] for row in read_rows(name)
+            if any(RECALL_QUESTION.fullmatch(m["content"]) for m in row["conversations"] if m["role"] == "user")]
+
+
+def test_recall_answers_match_an_independent_solver():
+    held_out = read_rows("multiturn_eval.jsonl")
+    assert len(held_out) == 200 and {row["lang"] for row in held_out} == {"zh", "en"}
+    for row in held_out:
+        assert str(solve_recall(row["conversations"])[2]) == row["answer"], row
+    training = recall_conversations("sft.jsonl")
+    assert len(training) >= 900
+    for conversation in training:
+        assert conversation[-1]["role"] == "assistant" and str(solve_recall(conversation[:-1])[2]) == conversation[-1]["content"]
+
+
+def test_recall_conversations_need_an_earlier_turn_and_have_distractors():
+    """The last question names no count: only the fact, a user turn with unrelated ones after it, answers it."""
+    for row in read_rows("multiturn_eval.jsonl"):
+        conversation = row["conversations"]
+        fact, question, _ = solve_recall(conversation)
+        fact_at = [m["content"] for m in conversation].index(fact)
+        assert len(re.findall(r"\d+", question)) == 1  # the change alone, not the count it changes
+        assert len(conversation) - 1 - fact_at >= 4  # the fact's acknowledgement, at least one exchange, the question
+
+
 # --- eval questions are held out ------------------------------------------------------------
 
 def training_text_lines() -> set[str]:
@@ -260,6 +313,16 @@ def training_text_lines() -> set[str]:
             for text in texts:
                 lines.update(line.strip() for line in text.split("\n"))
     return lines
+
+
+def test_held_out_recall_questions_are_asked_in_no_training_conversation():
+    """A recall question is its (fact, question) pair: no training conversation says both of a held-out one."""
+    held_out = {solve_recall(row["conversations"])[:2] for row in read_rows("multiturn_eval.jsonl")}
+    for name in TRAINING_FILES:
+        for row in read_rows(name):
+            said = {m["content"] for key in ("conversations", "chosen", "rejected") for m in row.get(key, [])
+                    if m["role"] == "user"}
+            assert not any(fact in said and question in said for fact, question in held_out), (name, row)
 
 
 def test_eval_questions_never_appear_in_training_files():

@@ -264,6 +264,31 @@ def test_eval_mode_prints_json_with_accuracy_and_perplexity(weights_dir, tmp_pat
     assert len(json.loads(out.read_text(encoding="utf-8"))["predictions"]) == 24
 
 
+BOOKING = [{"role": "user", "content": "我想订一张去上海的机票。"}, {"role": "assistant", "content": "好的，请告诉我出发地和日期。"},
+           {"role": "user", "content": "从北京出发，明天。"}, {"role": "user", "content": "多少钱？"}]
+
+
+@pytest.mark.parametrize("flags, sent", [
+    ([], BOOKING),
+    (["--history_mode", "query_utterance"], [{"role": "user", "content": "我想订一张去上海的机票。\n从北京出发，明天。\n多少钱？"}]),
+    (["--history_mode", "query_utterance", "--history_utterances", "1"], [{"role": "user", "content": "从北京出发，明天。\n多少钱？"}]),
+    (["--history_mode", "none"], BOOKING[-1:]),
+])
+def test_history_mode_flags_shape_the_prompts_of_multi_turn_records(weights_dir, tokenizer, tmp_path, capsys, flags, sent):
+    records = jsonl(tmp_path / "booking.jsonl", [{"conversations": BOOKING, "answer": "800"}])
+    eval_llm.main(["--load_from", str(weights_dir / "full_sft_64.pth"), "--device", "cpu", "--eval_file", str(records),
+                   "--max_new_tokens", "2", *flags])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["history_mode"] == (flags[1] if flags else "full")
+    assert summary["mean_prompt_tokens"] == len(tokenizer(render_prompt(tokenizer, sent), add_special_tokens=False).input_ids)
+
+
+def test_an_unknown_history_mode_flag_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        eval_llm.parse_args(["--history_mode", "recent"])
+    assert "invalid choice: 'recent'" in capsys.readouterr().err
+
+
 def test_a_malformed_line_names_file_and_line(tmp_path, weights_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": oops}\n', encoding="utf-8")

@@ -83,6 +83,43 @@ def test_sft_labels_are_exactly_the_assistant_replies(tmp_path, tokenizer):
     ]
 
 
+RECALL = [
+    {"role": "system", "content": "You are MiniMind."},
+    {"role": "user", "content": "我有 7 个苹果。"}, {"role": "assistant", "content": "好的，我记住了。"},
+    {"role": "user", "content": "今天天气怎么样？"}, {"role": "assistant", "content": "晴天。"},
+    {"role": "user", "content": "又买了 5 个苹果，现在一共有几个苹果？"}, {"role": "assistant", "content": "12"},
+]
+
+
+def test_sft_query_utterance_makes_each_reply_an_example_on_its_compacted_history(tmp_path, tokenizer):
+    """One item per reply, rendered by the chat template from the history fit_history would send,
+    and labels on that reply (with its <|im_end|>) and nothing else."""
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": RECALL}, {"conversations": CONVERSATION[1:5]}])
+    dataset = SFTDataset(path, tokenizer, 1024, history_mode="query_utterance", history_utterances=1)
+    system, question = RECALL[0], lambda text: {"role": "user", "content": text}
+    tool_call = ('<think>\nNeed the tool.\n</think>\n\nLet me look.\n<tool_call>\n'
+                 '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    expected = [  # (the messages the template renders, the one reply learned)
+        ([system, RECALL[1], RECALL[2]], "好的，我记住了。"),
+        ([system, question("我有 7 个苹果。\n今天天气怎么样？"), RECALL[4]], "晴天。"),  # nothing overlaps: the most recent
+        ([system, question("我有 7 个苹果。\n又买了 5 个苹果，现在一共有几个苹果？"), RECALL[6]], "12"),  # the apples, not the weather
+        (CONVERSATION[1:3], tool_call), (CONVERSATION[1:5], "It is 21 °C in Paris."),  # a call, then the answer to its result
+    ]
+    assert len(dataset) == len(expected)
+    for i, (messages, reply) in enumerate(expected):
+        assert tokenizer.decode(dataset[i]["input_ids"]) == tokenizer.apply_chat_template(messages, tokenize=False)
+        assert labelled_spans(tokenizer, dataset[i]["input_ids"], dataset[i]["labels"]) == [reply + "<|im_end|>"]
+
+
+def test_sft_full_history_mode_is_the_conversation_whole(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": RECALL}, {"conversations": CONVERSATION}])
+    default, full = SFTDataset(path, tokenizer, 1024), SFTDataset(path, tokenizer, 1024, history_mode="full")
+    assert len(default) == len(full) == 2
+    for i in range(2):
+        assert all(torch.equal(default[i][key], full[i][key]) for key in ("input_ids", "labels"))
+    assert len(labelled_spans(tokenizer, full[0]["input_ids"], full[0]["labels"])) == 3
+
+
 def test_sft_truncates_to_max_length(tmp_path, tokenizer):
     dataset = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [{"conversations": CONVERSATION}]), tokenizer, 40)
     item = dataset[0]

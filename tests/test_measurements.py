@@ -1,4 +1,4 @@
-"""The measurement scripts behind the README's post-training and RL figures, shortened (--quick):
+"""The measurement scripts behind the README's post-training, RL and history figures, shortened (--quick):
 each runs the real trainers and evaluations end to end and reports what it measured."""
 
 import json
@@ -45,6 +45,29 @@ def test_measure_post_training_reports_dpo_distillation_and_reasoning(tmp_path):
     assert 0.0 <= results["dpo"]["accuracy_dpo"] <= 1.0
     assert results["distillation"]["held_out_nll_kd"] > 0 and results["distillation"]["held_out_nll_ce_only"] > 0
     assert 0.0 <= results["reason"]["well_formed_thinking_on"] <= 1.0
+
+
+def test_measure_history_trains_both_ways_and_answers_with_every_history_mode(tmp_path):
+    results = run_script("measure_history.py", tmp_path / "history")
+    assert set(results["sft"]) == {"full", "query_utterance"}
+    assert all(run["steps"] == 6 and run["tokens"] > 0 for run in results["sft"].values())
+    for training in ("full", "query_utterance"):
+        cells = results["cells"][training]
+        assert set(cells) == {"full", "query_utterance", "none"}
+        for inference, evaluations in cells.items():
+            for name in ("multi-turn recall", "single-turn"):
+                figures = evaluations[name]
+                assert figures["n"] == 20 and figures["interval_95"][0] <= figures["accuracy"] <= figures["interval_95"][1]
+                assert ("vs_baseline" in figures) == ((training, inference) != ("full", "full"))
+        recall = {inference: cells[inference]["multi-turn recall"]["mean_prompt_tokens"] for inference in cells}
+        assert recall["none"] < recall["query_utterance"] < recall["full"]  # the history each mode sends
+        single = {cells[inference]["single-turn"]["mean_prompt_tokens"] for inference in cells}
+        assert len(single) == 1  # a single question has no history to choose from
+    for baseline in results["constant_answer_baseline"].values():
+        assert baseline["answer"].isdigit() and 1 / 20 <= baseline["accuracy"] <= 1
+    table = (tmp_path / "history" / "history.md").read_text(encoding="utf-8")
+    assert "| query_utterance | query_utterance |" in table and "Always replying the most common answer" in table
+    assert json.loads((tmp_path / "history" / "history.json").read_text(encoding="utf-8")) == results
 
 
 @torch.inference_mode()

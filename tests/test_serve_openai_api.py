@@ -399,6 +399,38 @@ def test_a_last_turn_longer_than_the_context_is_refused(random_server):
     assert status == 400 and body["error"]["param"] == "max_tokens"
 
 
+# The booking dialogue: the query shares no term with the history, so pairing keeps both user utterances.
+BOOKING = [{"role": "user", "content": "我想订一张去上海的机票。"}, {"role": "assistant", "content": "好的，请告诉我出发地和日期。"},
+           {"role": "user", "content": "从北京出发，明天。"}, {"role": "user", "content": "多少钱？"}]
+BOOKING_PAIRED = [{"role": "user", "content": "我想订一张去上海的机票。\n从北京出发，明天。\n多少钱？"}]
+
+
+def test_the_history_mode_field_chooses_what_history_is_sent(random_server, tokenizer):
+    def sent_tokens(**extra) -> int:
+        status, body = random_server.post({"messages": BOOKING, "max_tokens": 1, **extra})
+        assert status == 200, body
+        return body["usage"]["prompt_tokens"]
+
+    assert sent_tokens() == sent_tokens(history_mode="full") == prompt_tokens(tokenizer, BOOKING)
+    assert sent_tokens(history_mode="query_utterance") == prompt_tokens(tokenizer, BOOKING_PAIRED)
+    assert sent_tokens(history_mode="none") == prompt_tokens(tokenizer, BOOKING[-1:])
+    status, body = random_server.post({"messages": BOOKING, "history_mode": "recent"})
+    assert status == 400 and body["error"]["param"] == "history_mode" and "'history_mode'" in body["error"]["message"]
+
+
+def test_the_servers_history_mode_is_the_default_a_request_overrides(models, tokenizer):
+    server = Server(models["random"], "--history_mode", "query_utterance")
+    try:
+        server.ready()
+        paired = server.client().chat.completions.create(model="m", messages=BOOKING, max_tokens=1)
+        assert paired.usage.prompt_tokens == prompt_tokens(tokenizer, BOOKING_PAIRED)
+        full = server.client().chat.completions.create(model="m", messages=BOOKING, max_tokens=1,
+                                                       extra_body={"history_mode": "full"})
+        assert full.usage.prompt_tokens == prompt_tokens(tokenizer, BOOKING)
+    finally:
+        server.stop()
+
+
 # --- bad requests -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body, param", [
@@ -414,6 +446,7 @@ def test_a_last_turn_longer_than_the_context_is_refused(random_server):
     ({"messages": QUESTION, "stream": "yes"}, "stream"),
     ({"messages": QUESTION, "stop": 7}, "stop"),
     ({"messages": QUESTION, "n": 2}, "n"),
+    ({"messages": QUESTION, "history_mode": "recent"}, "history_mode"),
     # a lone UTF-16 surrogate is valid JSON but no text a tokenizer can encode
     ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, "messages[0].content[0].text"),

@@ -225,6 +225,24 @@ def test_weights_carry_every_flag_the_commit_and_the_data(small_data, tmp_path):
     assert "trained by: train_pretrain.py" in shown.stderr and commit[:7] in shown.stderr
 
 
+def test_sft_history_mode_trains_one_example_per_reply_and_is_recorded(small_data, tmp_path):
+    """`--history_mode query_utterance`: the 300 demo conversations become one example per reply, and the
+    flags reach the sidecar's train_args like every other."""
+    from dataset.lm_dataset import SFTDataset
+    from model.loader import load_tokenizer
+    from model.weights import read_weights
+
+    flags = tiny_flags(tmp_path, small_data["sft"], "--from_weight", "none", "--max_steps", "1",
+                       "--history_mode", "query_utterance", "--history_utterances", "3")
+    printed = run_trainer("train_full_sft.py", flags).stdout
+    replies = sum(m["role"] == "assistant" for line in small_data["sft"].read_text(encoding="utf-8").splitlines()
+                  for m in json.loads(line)["conversations"])
+    assert replies > 300 and f"(300 lines, {replies} examples)" in printed
+    assert len(SFTDataset(small_data["sft"], load_tokenizer(), history_mode="query_utterance")) == replies
+    record = read_weights(tmp_path / "out" / "full_sft_64.pth")[2]["train_args"]
+    assert record["flags"]["history_mode"] == "query_utterance" and record["flags"]["history_utterances"] == 3
+
+
 class NumberedDocuments(torch.utils.data.Dataset):
     """Document i is the token i + 10, repeated 1 + i % 7 times: any batch tells which documents it holds."""
     pad_token_id = 0

@@ -97,6 +97,16 @@ def test_the_thinking_flag_and_its_alias_set_the_toggle(monkeypatch, flags, thin
     assert page.toggle(key="thinking").value is thinking
 
 
+@pytest.mark.parametrize("flags, mode, utterances", [([], "full", 2),
+                                                     (["--history_mode", "query_utterance", "--history_utterances", "3"],
+                                                      "query_utterance", 3)])
+def test_the_history_flags_set_the_sidebar(monkeypatch, tmp_path, flags, mode, utterances):
+    page = start_page(monkeypatch, "--save_dir", str(tmp_path), *flags)
+    assert not page.exception
+    assert page.selectbox(key="history_mode").value == mode
+    assert page.slider(key="history_utterances").value == utterances
+
+
 def test_regenerate_replaces_the_last_answer(monkeypatch, weights_dir):
     messages = [{"role": "user", "content": "第一个问题"}, {"role": "assistant", "content": "第一个回答"},
                 {"role": "user", "content": "第二个问题"}, {"role": "assistant", "content": "OLD ANSWER"}]

@@ -241,7 +241,8 @@ def open_dataset(dataset_class: type, data_path: Path, tokenizer, max_length: in
         dataset.file.check_all()
     except ValueError as error:
         sys.exit(f"error: {error}")
-    runtime.print(f"data: {data_path} ({len(dataset):,} lines)")
+    examples = f", {len(dataset):,} examples" if len(dataset) != len(dataset.file) else ""  # SFT, one per reply
+    runtime.print(f"data: {data_path} ({len(dataset.file):,} lines{examples})")
     return dataset
 
 
@@ -1176,16 +1177,18 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def train_language_model(args: argparse.Namespace, dataset_class: type, data_file: str, demo_file: str,
                          loss_fn: Callable[[torch.nn.Module, dict], LossOutput] = causal_lm_loss,
-                         prepare_model: Callable[[torch.nn.Module, Runtime], dict[str, Any]] | None = None) -> None:
+                         prepare_model: Callable[[torch.nn.Module, Runtime], dict[str, Any]] | None = None,
+                         dataset_options: dict[str, Any] | None = None) -> None:
     """The recipe of every next-token stage (pretraining, SFT, reasoning, LoRA): data -> model -> train.
     `prepare_model(model, runtime)`, if given, changes the loaded model before training (LoRA adds
-    adapters) and returns extra `Trainer` arguments: which `params` train, the `weight_saver`, ..."""
+    adapters) and returns extra `Trainer` arguments: which `params` train, the `weight_saver`, ...
+    `dataset_options` are the stage's own arguments of its dataset class (SFT: `history_mode`)."""
     data_path = resolve_data_path(args, data_file, demo_file)
     runtime = setup_runtime(args)
     tokenizer = load_tokenizer(args.tokenizer_path)
     model = load_model(args, runtime)
     trainer_options = prepare_model(model, runtime) if prepare_model else {}
-    dataset = open_dataset(dataset_class, data_path, tokenizer, args.max_seq_len, runtime)
+    dataset = open_dataset(dataset_class, data_path, tokenizer, args.max_seq_len, runtime, **(dataset_options or {}))
     train_on(dataset, args, runtime, model, tokenizer, loss_fn, **trainer_options)
 
 
