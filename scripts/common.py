@@ -31,25 +31,33 @@ DEMO = REPO / "dataset" / "demo"
 _PRELOAD = ["torch", "transformers", "model.loader", "model.generate", "dataset.lm_dataset", "trainer.engine"]
 
 
-def _run_script(script: str, argv: list[str], output: socket.socket) -> None:
-    """In the forked child: be `python script argv` with stdout and stderr going to `output`."""
-    os.dup2(output.fileno(), 1)
-    os.dup2(output.fileno(), 2)
-    output.close()
+def _run_script(script: str, argv: list[str], cwd: str, stdout: socket.socket | None,
+                stderr: socket.socket | None) -> None:
+    """In the forked child: be `python script argv` run from `cwd`, its stdout and stderr going to
+    the given sockets (None: to /dev/null)."""
+    for fd, target in ((1, stdout), (2, stderr)):
+        if target is None:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), fd)
+        else:
+            os.dup2(target.fileno(), fd)
     sys.stdout.reconfigure(line_buffering=True)
-    os.chdir(REPO)
+    os.chdir(cwd)
     sys.argv, sys.path[0] = [script, *argv], str(Path(script).resolve().parent)
     runpy.run_path(script, run_name="__main__")
 
 
 class ForkedStep:
-    """What `run` needs of a `subprocess.Popen`: the output lines, `wait`, `kill`, `returncode`."""
+    """What `run` needs of a `subprocess.Popen`: the output lines (`stdout`; stderr joins them unless
+    `separate_stderr`, then `stderr`), `wait`, `kill`, `returncode`. `output=False` discards both."""
 
-    def __init__(self, script: str, argv: list[str]):
+    def __init__(self, script: str, argv: list[str], cwd: str | Path = REPO, output: bool = True,
+                 separate_stderr: bool = False):
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(_PRELOAD)
-        ours, theirs = socket.socketpair()
-        self.process = context.Process(target=_run_script, args=(script, argv, theirs))
+        pairs = [socket.socketpair() for _ in range(2 if separate_stderr else 1 if output else 0)]
+        child_ends = [theirs for _, theirs in pairs] or [None]
+        self.process = context.Process(target=_run_script, args=(script, argv, str(cwd), child_ends[0], child_ends[-1]))
         # multiprocessing would re-run this program's own script in the child first, to recreate its
         # `__main__`; the step needs none of it
         main = sys.modules["__main__"]
@@ -59,12 +67,18 @@ class ForkedStep:
         finally:
             if main_file is not None:
                 main.__file__ = main_file
-        theirs.close()
-        self.stdout = ours.makefile("r", encoding="utf-8", errors="replace")
-        ours.close()
+        streams = []
+        for ours, theirs in pairs:
+            theirs.close()
+            streams.append(ours.makefile("r", encoding="utf-8", errors="replace"))
+            ours.close()
+        self.stdout, self.stderr = (streams + [None, None])[:2]
 
     @property
     def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
         return self.process.exitcode
 
     def wait(self) -> int:

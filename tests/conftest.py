@@ -3,15 +3,17 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from scripts.common import ForkedStep
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "dataset" / "demo"
@@ -22,6 +24,16 @@ def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (pyproject.toml): one worker per core, at most 4. The tests are small models and
     process start-ups, which a core runs as fast alone as with a second thread."""
     return max(1, min(CORES, 4))
+
+
+# The files that take minutes (trainers under torchrun, the quick pipeline and measurements) start
+# first, so that the workers finish together instead of one running them alone at the end.
+LONGEST_FIRST = ("test_demo_pipeline.py", "test_measurements.py", "test_train.py", "test_deepspeed.py", "test_rl.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
 
 
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
@@ -55,9 +67,16 @@ def trainer_command(script: str, flags: list[str]) -> list[str]:
     return [sys.executable, str(REPO / "trainer" / script), *flags]
 
 
-def run_trainer(script: str, flags: list[str], **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(trainer_command(script, flags), capture_output=True, text=True, timeout=600,
-                            cwd=kwargs.get("cwd", "/"))
+def run_trainer(script: str, flags: list[str], cwd: str | Path = "/") -> subprocess.CompletedProcess:
+    """`python trainer/<script> flags` from `cwd` (any directory, as users run it), in a fork of the
+    preloaded interpreter (scripts/common.py: the same program, without 5-10 s of imports)."""
+    step = ForkedStep(str(REPO / "trainer" / script), flags, cwd=cwd, separate_stderr=True)
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: errors.extend(step.stderr))
+    reader.start()
+    output = step.stdout.read()
+    reader.join()
+    result = subprocess.CompletedProcess(trainer_command(script, flags), step.wait(), output, "".join(errors))
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -69,7 +88,7 @@ def losses(metrics: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records}
 
 
-def wait_for_logged_steps(process: subprocess.Popen, metrics: Path, steps: int, timeout_s: float = 300) -> None:
+def wait_for_logged_steps(process: subprocess.Popen | ForkedStep, metrics: Path, steps: int, timeout_s: float = 300) -> None:
     """Until the metrics file holds `steps` lines, the process has ended, or `timeout_s` passed."""
     deadline = time.time() + timeout_s
     while time.time() < deadline and process.poll() is None:
@@ -83,10 +102,9 @@ def kill_then_resume(script: str, flags: list[str], metrics: Path, kill_after_st
     metrics file has each of `kill_after_steps` lines (a restart in between), then let it finish.
     Returns the per-step losses of the whole, interrupted run."""
     for kill_after_step in kill_after_steps:
-        process = subprocess.Popen(trainer_command(script, flags), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, cwd="/")
+        process = ForkedStep(str(REPO / "trainer" / script), flags, cwd="/", output=False)
         wait_for_logged_steps(process, metrics, kill_after_step)
-        process.send_signal(signal.SIGKILL)
+        process.kill()  # SIGKILL
         process.wait()
     run_trainer(script, flags)
     return losses(metrics)
