@@ -284,12 +284,16 @@ class Attention(nn.Module):
         if cache is not None:  # keys are cached after RoPE: each keeps the angle of its own position
             k, v = cache.update(k, v, self.layer_idx)
         # Grouped-query attention: each group of num_heads / num_kv_heads query heads shares one K/V head.
+        # When decoding, SDPA reads each cached K/V head for its whole group (`enable_gqa`); otherwise
+        # the K/V heads are repeated, which every SDPA kernel takes (and training backpropagates through).
         repeats = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        grouped_sdpa = self.use_sdpa and cache is not None and repeats > 1
+        if not grouped_sdpa:
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         dropout = self.dropout if self.training else 0.0
         if self.use_sdpa:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
-                                                 is_causal=allowed is None and seq_len > 1)
+                                                 is_causal=allowed is None and seq_len > 1, enable_gqa=grouped_sdpa)
         else:  # the same computation written out
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
             if allowed is None:  # no past keys (or one query): the lower triangle
