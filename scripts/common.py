@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from scipy.stats import binomtest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "dataset" / "demo"
@@ -206,3 +207,35 @@ def save_figure(fig, ax, path: Path, title: str, legend_size: int | None = None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics of exact-match results
+# ---------------------------------------------------------------------------------------------
+
+def binomial_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson (exact) interval for an accuracy of `correct` out of `n`."""
+    interval = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="exact")
+    return interval.low, interval.high
+
+
+def mcnemar_exact(before: list[bool], after: list[bool]) -> dict:
+    """McNemar's exact test on paired answers to the same questions: only the questions whose
+    correctness changed count, and under "no difference" each change is a fair coin's toss."""
+    gained = sum(not b and a for b, a in zip(before, after))
+    lost = sum(b and not a for b, a in zip(before, after))
+    p_value = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
+    return {"n": len(before), "gained": gained, "lost": lost, "p_value": p_value}
+
+
+def correctness(result: dict) -> dict[str, bool]:
+    """Question -> answered correctly, from an evaluation's saved predictions (`--eval_out`)."""
+    return {str(p.get("source") or p.get("question")): bool(p["correct"]) for p in result.get("predictions", [])}
+
+
+def paired_change(before: dict, after: dict) -> dict | None:
+    """McNemar's test between two evaluations' saved predictions, on the questions both answered;
+    None when they share none."""
+    first, second = correctness(before), correctness(after)
+    shared = sorted(set(first) & set(second))
+    return mcnemar_exact([first[q] for q in shared], [second[q] for q in shared]) if shared else None

@@ -38,9 +38,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from scripts.common import (DEMO, REPO, accelerator_name, add_device_args, cpu_name, last_json, output_dir,
-                            read_metrics, run)
-from scripts.report import binomial_interval, mcnemar_exact
+from scripts.common import (DEMO, REPO, accelerator_name, add_device_args, binomial_interval, cpu_name, last_json,
+                            mcnemar_exact, output_dir, read_metrics, run)
 
 TRAINING_MODES = ("full", "query_utterance")
 INFERENCE_MODES = ("full", "query_utterance", "none")

@@ -36,7 +36,7 @@ from dataset.lm_dataset import DPODataset, pad_preference_pairs
 from model.loader import load_model_and_tokenizer
 from model.model_minimind import next_token_nll
 from scripts.common import (DEMO, REPO, accelerator_name, add_device_args, cpu_name, last_json, output_dir,
-                            read_metrics, run)
+                            paired_change, read_metrics, run)
 
 THINK_THEN_ANSWER = re.compile(r"\s*<think>(?P<thought>.*?)</think>(?P<answer>.*)", re.DOTALL)
 
@@ -111,15 +111,15 @@ def main() -> None:
              "--device", args.device, "--dtype", args.dtype, "--log_interval", "5", "--save_interval", "100000",
              "--accumulation_steps", "1", *(["--max_steps", "6"] if args.quick else []), *flags])
 
-    def evaluate(weights: Path, name: str, *flags: str) -> tuple[dict, list[str]]:
-        """`eval_llm.py`'s summary, and the replies when it answered questions."""
+    def evaluate(weights: Path, name: str, *flags: str) -> tuple[dict, dict]:
+        """`eval_llm.py`'s summary, and its saved details (with the replies when it answered questions)."""
         details = out / f"eval_{name}.json"
         summary = last_json(run([python, "eval_llm.py", "--load_from", str(weights), "--device", args.device,
                                  "--batch_size", "50", "--eval_out", str(details),
                                  *(["--max_samples", "40"] if args.quick else []), *flags]))
-        return summary, [p["prediction"] for p in json.loads(details.read_text())["predictions"]]
+        return summary, json.loads(details.read_text())
 
-    def accuracy(weights: Path, name: str, max_new_tokens: int, *flags: str) -> tuple[dict, list[str]]:
+    def accuracy(weights: Path, name: str, max_new_tokens: int, *flags: str) -> tuple[dict, dict]:
         return evaluate(weights, name, "--eval_file", str(DEMO / "eval.jsonl"), "--max_new_tokens", str(max_new_tokens),
                         *flags)
 
@@ -130,7 +130,7 @@ def main() -> None:
         trainer("train_full_sft.py", *size, "--from_weight", "none", "--max_seq_len", "96", "--batch_size", "32",
                 "--learning_rate", "2e-3", "--warmup_steps", "20", "--epochs", "1")
         sft = next(out.glob("full_sft_*.pth"))
-    sft_eval, _ = accuracy(sft, "sft", 16)
+    sft_eval, sft_details = accuracy(sft, "sft", 16)
     since = stage_done("sft", since)
 
     # 1. DPO
@@ -140,7 +140,7 @@ def main() -> None:
     dpo = next(out.glob("dpo_*.pth"))
     dpo_metrics = read_metrics(dpo.with_suffix(".metrics.jsonl"))
     tenth = max(1, len(dpo_metrics) // 10)
-    dpo_eval, _ = accuracy(dpo, "dpo", 16)
+    dpo_eval, dpo_details = accuracy(dpo, "dpo", 16)
     held_out_pairs = out / "held_out_pairs.jsonl"
     write_held_out_pairs(held_out_pairs)
     held_out_preference = {"sft": preference_accuracy(sft, held_out_pairs), "dpo": preference_accuracy(dpo, held_out_pairs)}
@@ -172,8 +172,10 @@ def main() -> None:
     trainer("train_reason.py", "--from_weight", str(dpo), "--batch_size", "16", "--max_seq_len", "256",
             "--learning_rate", "5e-4", "--warmup_steps", "10", "--epochs", str(args.reason_epochs))
     reason = next(out.glob("reason_*.pth"))
-    thinking, replies_on = accuracy(reason, "reason_thinking_on", 192, "--open_thinking", "1")
-    no_thinking, replies_off = accuracy(reason, "reason_thinking_off", 32, "--open_thinking", "0")
+    thinking, thinking_details = accuracy(reason, "reason_thinking_on", 192, "--open_thinking", "1")
+    no_thinking, no_thinking_details = accuracy(reason, "reason_thinking_off", 32, "--open_thinking", "0")
+    replies_on = [p["prediction"] for p in thinking_details["predictions"]]
+    replies_off = [p["prediction"] for p in no_thinking_details["predictions"]]
     stage_done("reason", since)
 
     results = {
@@ -188,13 +190,17 @@ def main() -> None:
                 "reward_margin_first_tenth": mean(dpo_metrics[:tenth], "reward_margin"),
                 "reward_margin_last_tenth": mean(dpo_metrics[-tenth:], "reward_margin"),
                 "learning_rate": args.dpo_learning_rate, "beta": args.dpo_beta, "rpo_alpha": args.dpo_rpo_alpha,
-                "epochs": args.dpo_epochs},
+                "epochs": args.dpo_epochs, "vs_sft": paired_change(sft_details, dpo_details)},
         "distillation": {"held_out_nll_kd": held_out_nll["kd"], "held_out_nll_ce_only": held_out_nll["ce"],
                          "held_out_nll_teacher": held_out_nll["teacher"],
                          "student": " ".join(student_size), "steps": 6 if args.quick else args.kd_steps},
         "reason": {"well_formed_thinking_on": sum(map(well_formed, replies_on)) / len(replies_on),
                    "accuracy_thinking_on": thinking["accuracy"], "accuracy_thinking_off": no_thinking["accuracy"],
-                   "think_block_in_reply_thinking_off": sum("<think>" in r for r in replies_off) / len(replies_off)},
+                   "think_block_in_reply_thinking_off": sum("<think>" in r for r in replies_off) / len(replies_off),
+                   # McNemar's exact test against the model it started from (DPO), and against SFT
+                   "thinking_on_vs_dpo": paired_change(dpo_details, thinking_details),
+                   "thinking_off_vs_dpo": paired_change(dpo_details, no_thinking_details),
+                   "thinking_on_vs_sft": paired_change(sft_details, thinking_details)},
     }
     (out / "post_training.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     print(json.dumps(results, ensure_ascii=False))

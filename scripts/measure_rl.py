@@ -31,17 +31,20 @@ from pathlib import Path
 import torch
 
 from model.weights import read_sidecar
-from scripts.common import (DEMO, REPO, accelerator_name, cpu_name, last_json, new_figure, read_metrics, run,
-                            save_figure)
+from scripts.common import (DEMO, REPO, accelerator_name, cpu_name, last_json, new_figure, paired_change,
+                            read_metrics, run, save_figure)
 
 
-def accuracy(weights: Path, args: argparse.Namespace) -> dict:
+def accuracy(weights: Path, args: argparse.Namespace, out: Path) -> dict:
+    """Exact match of `weights` on the held-out questions; its predictions are saved in `out`."""
+    details = out / f"{weights.stem}.eval.json"
     command = [sys.executable, "eval_llm.py", "--load_from", str(weights), "--eval_file", str(args.eval_file),
                "--max_new_tokens", str(args.max_gen_len), "--batch_size", "50", "--device", args.device,
-               *(["--max_samples", str(args.eval_samples)] if args.eval_samples else [])]
+               "--eval_out", str(details), *(["--max_samples", str(args.eval_samples)] if args.eval_samples else [])]
     result = last_json(run(command, 900))
     return {"samples": result["samples"], "correct": result["correct"], "accuracy": result["accuracy"],
-            "per_task": {task: stats["accuracy"] for task, stats in result.get("per_task", {}).items()}}
+            "per_task": {task: stats["accuracy"] for task, stats in result.get("per_task", {}).items()},
+            "details": str(details)}
 
 
 def quarter_means(records: list[dict], key: str) -> tuple[float, float]:
@@ -98,7 +101,10 @@ temperature {results['temperature']}. Rewards: mean of the step's rollouts, firs
     if "accuracy_after" in results.get("grpo", {}):
         before, after = results["accuracy_before"], results["grpo"]["accuracy_after"]
         text += (f"\nHeld-out exact match (`dataset/demo/eval.jsonl`, greedy): {before['correct']}/{before['samples']} "
-                 f"= {before['accuracy']:.2%} before GRPO, {after['correct']}/{after['samples']} = {after['accuracy']:.2%} after.\n")
+                 f"= {before['accuracy']:.2%} before GRPO, {after['correct']}/{after['samples']} = {after['accuracy']:.2%} after")
+        change = results["grpo"].get("vs_base")
+        text += (f" ({change['gained']} questions gained, {change['lost']} lost, McNemar exact p = {change['p_value']:.3g}).\n"
+                 if change else ".\n")
     return text + "".join(f"\n![{stage}]({os.path.relpath(images / f'rl_reward_{stage}.png', out)})\n" for stage in stages)
 
 
@@ -137,7 +143,7 @@ def main() -> None:
                "learning_rate": args.learning_rate, "temperature": args.temperature,
                "stage_flags": {stage: STAGE_FLAGS[stage] for stage in args.stages}}
     if "grpo" in args.stages and not args.quick:
-        results["accuracy_before"] = accuracy(Path(args.base), args)
+        results["accuracy_before"] = accuracy(Path(args.base), args, out)
     for stage in args.stages:
         start = time.time()
         epochs = args.epochs or STAGE_EPOCHS[stage]
@@ -161,7 +167,9 @@ def main() -> None:
             summary[f"reward_{component}"] = [round(component_first, 4), round(component_last, 4)]
         plot_rewards(records, f"{stage.upper()} on the demo prompts (reward per step)", images / f"rl_reward_{stage}.png")
         if stage == "grpo" and not args.quick:
-            summary["accuracy_after"] = accuracy(out / f"{stem}.pth", args)
+            summary["accuracy_after"] = accuracy(out / f"{stem}.pth", args, out)
+            summary["vs_base"] = paired_change(*(json.loads(Path(a["details"]).read_text())
+                                                 for a in (results["accuracy_before"], summary["accuracy_after"])))
         results[stage] = summary
     (out / "rl_results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     (out / "report.md").write_text(report(results, args.stages, images, out), encoding="utf-8")

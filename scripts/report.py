@@ -30,13 +30,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from scipy.stats import binomtest
 
 from model.loader import load_tokenizer
 from model.model_minimind import MiniMindForCausalLM
 from model.weights import read_sidecar
-from scripts.common import (DEMO, REPO, accelerator_name, cpu_name, peak_matmul_flops, read_metrics, run,
-                            training_flops_per_token)
+from scripts.common import (DEMO, REPO, accelerator_name, binomial_interval, cpu_name, paired_change,
+                            peak_matmul_flops, read_metrics, run, training_flops_per_token)
 
 # column -> the weight names that fill it, first found wins (RL: whichever RL trainer ran)
 STAGES = {"PRETRAIN": ("pretrain",), "SFT": ("full_sft",), "DPO": ("dpo",), "RL": ("grpo", "ppo_actor", "spo")}
@@ -48,21 +47,6 @@ CHANCE = 0.25
 # ---------------------------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------------------------
-
-def binomial_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Clopper-Pearson (exact) interval for an accuracy of `correct` out of `n`."""
-    interval = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="exact")
-    return interval.low, interval.high
-
-
-def mcnemar_exact(before: list[bool], after: list[bool]) -> dict:
-    """McNemar's exact test on paired answers to the same questions: only the questions whose
-    correctness changed count, and under "no difference" each change is a fair coin's toss."""
-    gained = sum(not b and a for b, a in zip(before, after))
-    lost = sum(b and not a for b, a in zip(before, after))
-    p_value = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
-    return {"n": len(before), "gained": gained, "lost": lost, "p_value": p_value}
-
 
 # ---------------------------------------------------------------------------------------------
 # What the run left in out/
@@ -157,11 +141,6 @@ def evaluate_stage(weights: Path, device: str, limit: int = 0) -> dict[str, dict
     return results
 
 
-def correctness(result: dict) -> dict[str, bool]:
-    """Question -> answered correctly, from an evaluation's saved predictions."""
-    return {str(p.get("source") or p.get("question")): bool(p["correct"]) for p in result.get("predictions", [])}
-
-
 # ---------------------------------------------------------------------------------------------
 # The markdown
 # ---------------------------------------------------------------------------------------------
@@ -223,10 +202,9 @@ def write_report(out_dir: str | Path, report: str | Path | None = None, *, devic
     columns = list(weights)
     for before, after in zip(columns, columns[1:]):
         for name in ("exact_match", "ceval", "cmmlu"):
-            first, second = correctness(evaluations[before][name]), correctness(evaluations[after][name])
-            shared = sorted(set(first) & set(second))
-            if shared:
-                pairs.append((name, before, after, mcnemar_exact([first[q] for q in shared], [second[q] for q in shared])))
+            change = paired_change(evaluations[before][name], evaluations[after][name])
+            if change is not None:
+                pairs.append((name, before, after, change))
     text = render(environment(), code_size(), chars_per_token(load_tokenizer(tokenizer_path)), costs, evaluations,
                   pairs, out_dir)
     path = Path(report) if report else out_dir / "report.md"

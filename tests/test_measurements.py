@@ -45,6 +45,9 @@ def test_measure_post_training_reports_dpo_distillation_and_reasoning(tmp_path):
     assert 0.0 <= results["dpo"]["accuracy_dpo"] <= 1.0
     assert results["distillation"]["held_out_nll_kd"] > 0 and results["distillation"]["held_out_nll_ce_only"] > 0
     assert 0.0 <= results["reason"]["well_formed_thinking_on"] <= 1.0
+    # every before/after pair is compared question by question (McNemar), on all 40 questions
+    for change in (results["dpo"]["vs_sft"], results["reason"]["thinking_on_vs_dpo"], results["reason"]["thinking_on_vs_sft"]):
+        assert change["n"] == 40 and 0.0 < change["p_value"] <= 1.0 and change["gained"] + change["lost"] <= 40
 
 
 def test_measure_history_trains_both_ways_and_answers_with_every_history_mode(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from model.weights import save_weights
 from scripts import report
-from scripts.common import training_flops_per_token
+from scripts.common import binomial_interval, mcnemar_exact, paired_change, training_flops_per_token
 
 
 def binomial_tail_at_least(k: int, n: int, p: float) -> float:
@@ -27,7 +27,7 @@ def bisect(f, low: float = 0.0, high: float = 1.0) -> float:
 @pytest.mark.parametrize("correct, n", [(0, 10), (10, 10), (7, 20), (61, 180)])
 def test_binomial_interval_is_clopper_pearson(correct, n):
     """The exact interval's ends: the p at which seeing >= correct (resp. <= correct) has probability 2.5%."""
-    low, high = report.binomial_interval(correct, n)
+    low, high = binomial_interval(correct, n)
     expected_low = 0.0 if correct == 0 else bisect(lambda p: binomial_tail_at_least(correct, n, p) - 0.025)
     expected_high = 1.0 if correct == n else bisect(lambda p: 0.025 - (1 - binomial_tail_at_least(correct + 1, n, p)))
     assert low == pytest.approx(expected_low, abs=1e-7) and high == pytest.approx(expected_high, abs=1e-7)
@@ -37,10 +37,21 @@ def test_mcnemar_exact_p_value():
     # 9 questions gained, 1 lost, 10 unchanged: p = 2 * P(X <= 1 | Bin(10, 1/2)) = 2 * 11 / 1024
     before = [False] * 9 + [True] + [True] * 5 + [False] * 5
     after = [True] * 9 + [False] + [True] * 5 + [False] * 5
-    result = report.mcnemar_exact(before, after)
+    result = mcnemar_exact(before, after)
     assert (result["gained"], result["lost"], result["n"]) == (9, 1, 20)
     assert result["p_value"] == pytest.approx(22 / 1024)
-    assert report.mcnemar_exact([True, False], [True, False])["p_value"] == 1.0
+    assert mcnemar_exact([True, False], [True, False])["p_value"] == 1.0
+
+
+def test_paired_change_compares_the_questions_both_evaluations_answered():
+    """Predictions are matched by question, not by position; a question only one side has is left out."""
+    def evaluation(*answers):
+        return {"predictions": [{"question": q, "correct": c} for q, c in answers]}
+
+    before = evaluation(("1+1", False), ("2+2", True), ("3+3", False), ("only before", True))
+    after = evaluation(("3+3", True), ("2+2", False), ("1+1", True), ("only after", False))
+    assert paired_change(before, after) == {"n": 3, "gained": 2, "lost": 1, "p_value": 1.0}
+    assert paired_change(before, evaluation(("another", True))) is None
 
 
 def write_stage(out, name: str, seed: int) -> None:
