@@ -136,6 +136,12 @@ def run(command: list[str], timeout_s: float | None = None, stop_at_timeout: boo
     return "".join(lines)
 
 
+def evaluation_path(weights: Path, name: str, limit: int = 0) -> Path:
+    """Where an evaluation of `weights` (`exact_match`, `ceval`, ...) saves its results, on the first
+    `limit` questions (0 = all): beside the weights, so that the report card reuses it."""
+    return weights.with_name(f"{weights.stem}.{name}{f'.first{limit}' if limit else ''}.json")
+
+
 def last_json(output: str) -> dict:
     """The JSON object a script prints as its last line (eval_llm.py, the bench_* scripts)."""
     return json.loads(output.strip().splitlines()[-1])

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from scripts.common import DEMO, REPO, last_json, new_figure, read_metrics, run, save_figure
+from scripts.common import DEMO, REPO, evaluation_path, last_json, new_figure, read_metrics, run, save_figure
 
 CHAT_PROMPTS = ["3 加 5 等于多少？", "What is 7 plus 2?", "9 和 4 哪个大？", "How many letters are in the word dog?", "你好"]
 
@@ -108,11 +108,14 @@ def main() -> None:
          "--epochs", str(args.pretrain_epochs), "--learning_rate", "2e-3", "--warmup_steps", "20",
          "--data_path", str(pretrain_data), "--eval_data", str(pretrain_val)])
 
+    limit = 40 if args.quick else 0  # held-out questions per evaluation (0 = all)
+
     def evaluate(weight: str) -> dict:
-        output = run([python, "eval_llm.py", "--load_from", str(out / f"{weight}_{hidden}.pth"),
-                      "--eval_file", str(DEMO / "eval.jsonl"), "--max_new_tokens", "16", "--batch_size", "50",
-                      "--device", args.device, "--eval_out", str(out / f"eval_{weight}.json"),
-                      *(["--max_samples", "40"] if args.quick else [])])
+        """Exact match on the held-out questions, saved where the report card finds it (and so not rerun)."""
+        weights = out / f"{weight}_{hidden}.pth"
+        output = run([python, "eval_llm.py", "--load_from", str(weights), "--eval_file", str(DEMO / "eval.jsonl"),
+                      "--max_new_tokens", "16", "--batch_size", "50", "--device", args.device,
+                      "--eval_out", str(evaluation_path(weights, "exact_match", limit)), "--max_samples", str(limit)])
         return last_json(output)
 
     # 2. How well does the pretrained model answer held-out questions in the chat format? (Barely.)
@@ -126,7 +129,7 @@ def main() -> None:
 
     # The report card: demo C-Eval/CMMLU, held-out perplexity and costs of each stage, against chance.
     run([python, "scripts/report.py", "--out_dir", str(out), "--hidden_size", str(hidden),
-         "--report", str(out / "report_card.md"), "--device", args.device, *(["--limit", "10"] if args.quick else [])])
+         "--report", str(out / "report_card.md"), "--device", args.device, "--limit", str(limit)])
 
     # 4. A few answers, greedy, as `python eval_llm.py` shows them.
     chat = run([python, "eval_llm.py", "--load_from", str(out / f"full_sft_{hidden}.pth"), "--temperature", "0",

@@ -34,7 +34,8 @@ import transformers
 from model.loader import load_tokenizer
 from model.model_minimind import MiniMindForCausalLM
 from model.weights import read_sidecar
-from scripts.common import (DEMO, REPO, accelerator_name, binomial_interval, cpu_name, paired_change,
+from scripts.common import (DEMO, REPO, accelerator_name, binomial_interval, cpu_name, evaluation_path,
+                            paired_change,
                             peak_matmul_flops, read_metrics, run, training_flops_per_token)
 
 # column -> the weight names that fill it, first found wins (RL: whichever RL trainer ran)
@@ -134,7 +135,7 @@ def evaluate_stage(weights: Path, device: str, limit: int = 0) -> dict[str, dict
     """Every evaluation of `weights`, from `<stem>.<name>[.first<limit>].json` when it is newer than the weights."""
     results = {}
     for name, command in evaluation_commands(weights, device, limit).items():
-        saved = weights.with_name(f"{weights.stem}.{name}{f'.first{limit}' if limit else ''}.json")
+        saved = evaluation_path(weights, name, limit)
         if not saved.exists() or saved.stat().st_mtime < weights.stat().st_mtime:
             run([*command, "--eval_out", str(saved)])
         results[name] = json.loads(saved.read_text(encoding="utf-8"))

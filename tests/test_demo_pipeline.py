@@ -27,6 +27,9 @@ def test_quick_pipeline_runs_end_to_end_and_reports(tmp_path):
     assert "held-out" in report and "bits per byte" in report
     card = (tmp_path / "out" / "report_card.md").read_text(encoding="utf-8")
     assert "C-Eval" in card and "CMMLU" in card
+    # the report card reuses the pipeline's two exact-match evaluations instead of running them again
+    steps = [line for line in result.stdout.splitlines() if line.startswith("$ ")]
+    assert sum("eval_llm.py" in step and "--eval_file" in step for step in steps) == 2
     for name in ("demo_pretrain_loss.png", "demo_sft_loss.png"):
         assert (tmp_path / "images" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "out" / "pretrain_64.pth").exists() and (tmp_path / "out" / "full_sft_64.pth").exists()
