@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from scipy.stats import binomtest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "dataset" / "demo"
@@ -221,6 +220,8 @@ def save_figure(fig, ax, path: Path, title: str, legend_size: int | None = None)
 
 def binomial_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Clopper-Pearson (exact) interval for an accuracy of `correct` out of `n`."""
+    from scipy.stats import binomtest  # 1.4 s of imports: only for the scripts that report statistics
+
     interval = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="exact")
     return interval.low, interval.high
 
@@ -228,6 +229,8 @@ def binomial_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[f
 def mcnemar_exact(before: list[bool], after: list[bool]) -> dict:
     """McNemar's exact test on paired answers to the same questions: only the questions whose
     correctness changed count, and under "no difference" each change is a fair coin's toss."""
+    from scipy.stats import binomtest
+
     gained = sum(not b and a for b, a in zip(before, after))
     lost = sum(b and not a for b, a in zip(before, after))
     p_value = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
