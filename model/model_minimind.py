@@ -510,9 +510,19 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         """`labels` are aligned with `input_ids` (the model shifts them); -100 marks no-loss tokens.
         `loss` is their cross-entropy (`next_token_nll`): the mean over labelled tokens, as transformers
         has it, or with `loss_reduction="sum"` the total, which the trainers divide by the labelled
-        tokens of a whole optimizer step. A MoE's balance loss is returned apart in `aux_loss`."""
+        tokens of a whole optimizer step. A MoE's balance loss is returned apart in `aux_loss`.
+
+        `logits_to_keep`: 0 = every position; n = the last n (generation needs only the last); a 1-D
+        tensor of positions; or a (B, T) boolean mask, which returns the logits of the marked positions
+        only, as one (marked, vocab) matrix in row-major order. Trainers pass the mask of positions whose
+        next token carries loss: the vocabulary head is a small model's largest matmul, and in SFT most
+        positions are prompt."""
         trunk = self.model(input_ids, attention_mask, position_ids, past_key_values, bool(use_cache))
         hidden = trunk.last_hidden_state
+        if torch.is_tensor(logits_to_keep) and logits_to_keep.dtype == torch.bool:
+            logits = self.lm_head(hidden[logits_to_keep])
+            return MoeCausalLMOutputWithPast(aux_loss=trunk.aux_loss, logits=logits,
+                                             past_key_values=trunk.past_key_values)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
         loss = None

@@ -37,7 +37,7 @@ VARIANTS = ["padded-fp32", "packed-fp32", "packed-bf16", "packed-fp32-compiled",
 
 def run_variant(args: argparse.Namespace, variant: str) -> dict:
     """One configuration, in this process: returns its measurements."""
-    from dataset.lm_dataset import PackedBatches, PretrainDataset
+    from dataset.lm_dataset import PackedBatches, dataset_for_file
     from trainer import engine
 
     layout, dtype_name = variant.split("-")[:2]
@@ -46,21 +46,23 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         parser = engine.stage_parser("bench", save_weight="bench", from_weight="none", learning_rate=1e-4, epochs=1,
                                      batch_size=args.batch_size, max_seq_len=args.max_seq_len, data_file="-")
-        train_args = parser.parse_args(["--preset", args.preset, "--device", args.device, "--save_dir", tmp,
+        size = ["--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers)] \
+            if args.hidden_size else ["--preset", args.preset]
+        train_args = parser.parse_args([*size, "--device", args.device, "--save_dir", tmp,
                                         "--checkpoint_dir", tmp, "--save_interval", "1000000", "--log_interval", "1000000",
                                         "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[dtype_name],
                                         "--use_compile", str(int(compiled))])
         runtime = engine.setup_runtime(train_args)
         tokenizer = engine.load_tokenizer("model")
         model = engine.load_model(train_args, runtime)
-        dataset = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+        dataset = dataset_for_file(args.data_path, tokenizer, args.max_seq_len)
         batches = PackedBatches(dataset, args.batch_size, args.max_seq_len, pack=layout == "packed", seed=0)
         trainer = engine.Trainer(train_args, runtime, model)
         trainer.total_steps = args.warmup + args.steps
         trainer.start_logging()
         trainer.progress.disable = True
         iterator = iter(batches)
-        times, tokens, rows_tokens = [], 0, 0
+        times, tokens, rows_tokens, warmup_s = [], 0, 0, 0.0
         for step in range(args.warmup + args.steps):
             batch = next(iterator)
             start = time.perf_counter()
@@ -69,7 +71,9 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
             if runtime.device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
-            if step >= args.warmup:
+            if step < args.warmup:
+                warmup_s += elapsed
+            else:
                 times.append(elapsed)
                 tokens += trainer.tokens - before
                 rows_tokens += batch["input_ids"].numel()
@@ -82,6 +86,8 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
         memory = (torch.cuda.max_memory_allocated() if runtime.device.type == "cuda"
                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         return {"variant": variant, "tokens_per_s": round(tokens_per_s, 1), "ms_per_step": round(1000 * seconds / len(times), 1),
+                # what the untimed first steps cost beyond timed ones: torch.compile's compilation, mostly
+                "warmup_overhead_s": round(warmup_s - args.warmup * seconds / len(times), 1),
                 "loss_bearing_fraction": round(tokens / rows_tokens, 3), "peak_memory_mb": round(memory / 2 ** 20, 1),
                 "mfu": round(tokens_per_s * flops_per_token / peak, 4), "peak_matmul_gflops": round(peak / 1e9, 1),
                 "parameters": n_params, "dtype": str(runtime.dtype).removeprefix("torch.")}
@@ -90,13 +96,16 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="minimind2-small")
+    parser.add_argument("--hidden_size", type=int, default=0, help="with --num_hidden_layers, a size instead of --preset")
+    parser.add_argument("--num_hidden_layers", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_seq_len", type=int, default=340)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--data_path", default=str(DEMO / "pretrain.jsonl"))
+    parser.add_argument("--data_path", default=str(DEMO / "pretrain.jsonl"),
+                        help="pretraining ({text}) or SFT ({conversations}) jsonl; SFT trains on replies only")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print its JSON
     args = parser.parse_args()
     if args.one:

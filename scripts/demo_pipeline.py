@@ -51,6 +51,20 @@ def split_validation(source: Path, directory: Path, every: int = 20) -> tuple[Pa
     return train, validation
 
 
+def validation_questions(conversations: Path, path: Path) -> Path:
+    """The held-out SFT conversations that are one question with a numeric reply, as an `--eval_file`:
+    the question, and the reply as its answer. Carved from the training data (not `eval.jsonl`), so a
+    recipe can be chosen on it and the held-out questions scored once, for the final model."""
+    with open(conversations, encoding="utf-8") as source, open(path, "w", encoding="utf-8") as questions:
+        for line in source:
+            messages = json.loads(line)["conversations"]
+            if [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"].isdigit() \
+                    and not messages[1].get("reasoning_content"):
+                questions.write(json.dumps({"conversations": messages[:1], "answer": messages[1]["content"]},
+                                           ensure_ascii=False) + "\n")
+    return path
+
+
 def plot_loss(records: list[dict], title: str, path: Path, reference: tuple[float, str] | None = None) -> None:
     """Training loss, and the validation loss where it was measured, against loss-bearing tokens."""
     fig, ax = new_figure()
@@ -67,6 +81,12 @@ def plot_loss(records: list[dict], title: str, path: Path, reference: tuple[floa
     save_figure(fig, ax, path, title)
 
 
+def stage_losses(out: Path, hidden: int) -> dict:
+    """The last validation loss (nats/token) and bits per byte of pretraining and SFT."""
+    return {f"{stage}_{key}": round(read_metrics(out / f"{weight}_{hidden}.metrics.jsonl")[-1][key], 3)
+            for stage, weight in (("pretrain", "pretrain"), ("sft", "full_sft")) for key in ("val_loss", "val_bpb")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, a few steps: checks the plumbing in about a minute")
@@ -78,6 +98,9 @@ def main() -> None:
     parser.add_argument("--pretrain_epochs", type=int, default=1)
     parser.add_argument("--sft_epochs", type=int, default=2)
     parser.add_argument("--eval_interval", type=int, default=25, help="optimizer steps between validations")
+    parser.add_argument("--skip_test", action="store_true",
+                        help="stop after scoring the validation questions (carved from the SFT data), for choosing a "
+                             "recipe: dataset/demo/eval.jsonl is scored once, for the final model")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
@@ -110,21 +133,30 @@ def main() -> None:
 
     limit = 40 if args.quick else 0  # held-out questions per evaluation (0 = all)
 
-    def evaluate(weight: str) -> dict:
-        """Exact match on the held-out questions, saved where the report card finds it (and so not rerun)."""
+    def evaluate(weight: str, questions: Path = DEMO / "eval.jsonl", name: str = "exact_match") -> dict:
+        """Exact match on `questions`, saved where the report card finds it (and so not rerun)."""
         weights = out / f"{weight}_{hidden}.pth"
-        output = run([python, "eval_llm.py", "--load_from", str(weights), "--eval_file", str(DEMO / "eval.jsonl"),
+        output = run([python, "eval_llm.py", "--load_from", str(weights), "--eval_file", str(questions),
                       "--max_new_tokens", "16", "--batch_size", "50", "--device", args.device,
-                      "--eval_out", str(evaluation_path(weights, "exact_match", limit)), "--max_samples", str(limit)])
+                      "--eval_out", str(evaluation_path(weights, name, limit)), "--max_samples", str(limit)])
         return last_json(output)
 
     # 2. How well does the pretrained model answer held-out questions in the chat format? (Barely.)
-    before = evaluate("pretrain")
+    before = None if args.skip_test else evaluate("pretrain")
 
     # 3. SFT: the same loss on assistant replies only, starting from the pretrained weights.
     run([python, "trainer/train_full_sft.py", *common, *cap, "--from_weight", "pretrain", "--batch_size", "16",
          "--epochs", str(args.sft_epochs), "--learning_rate", "1e-3", "--warmup_steps", "20",
          "--data_path", str(sft_data), "--eval_data", str(sft_val)])
+    validation = evaluate("full_sft", validation_questions(sft_val, out / "data" / "sft_val_questions.jsonl"),
+                          "validation_exact_match")
+    if args.skip_test:
+        summary = {"model": f"hidden {hidden}, {2 if args.quick else args.num_hidden_layers} layers",
+                   "validation_accuracy": validation["accuracy"], "validation_samples": validation["samples"],
+                   **stage_losses(out, hidden), "minutes": round((time.time() - start) / 60, 1)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps(summary))
+        return
     after = evaluate("full_sft")
 
     # The report card: demo C-Eval/CMMLU, held-out perplexity and costs of each stage, against chance.
@@ -148,9 +180,7 @@ def main() -> None:
         "model": f"hidden {hidden}, {2 if args.quick else args.num_hidden_layers} layers",
         "unigram_entropy": round(entropy, 3), "pretrain_final_loss": round(final_pretrain_loss, 3),
         "pretrain_tokens": pretrain_metrics[-1]["tokens"], "sft_final_loss": round(sft_metrics[-1]["loss"], 3),
-        **{f"{stage}_{key}": round(metrics[-1][key], 3) for stage, metrics in (("pretrain", pretrain_metrics),
-                                                                               ("sft", sft_metrics))
-           for key in ("val_loss", "val_bpb")},
+        **stage_losses(out, hidden), "validation_accuracy": validation["accuracy"],
         "accuracy_before_sft": before["accuracy"], "accuracy_after_sft": after["accuracy"],
         "eval_samples": after["samples"], "minutes": round((time.time() - start) / 60, 1),
     }

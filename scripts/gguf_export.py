@@ -17,8 +17,9 @@ Three facts make the difference between a file that loads and one that answers a
 * RoPE pairs. We (like transformers) rotate channel i of a head together with channel i + D/2 (the
   "NeoX" layout). llama.cpp's `llama` rotates adjacent channels (2i, 2i+1), so the rows of q_proj and
   k_proj are reordered for it; its `qwen3` uses the NeoX layout and takes them as they are.
-* The tokenizer is byte-level BPE with GPT-2's split regex, which llama.cpp calls model `gpt2`, pre
-  `gpt-2`; any other pre-tokenizer name splits digits and punctuation differently.
+* The tokenizer is byte-level BPE (llama.cpp's model `gpt2`) and its pre-tokenizer must be named exactly:
+  ours splits every digit apart with Qwen2's regex (pre `qwen2`), MiniMind's keeps GPT-2's (pre `gpt-2`);
+  any other name splits digits and punctuation differently.
 * llama.cpp defaults RoPE's base to 1e4, so `rope.freq_base` must say 1e6.
 """
 
@@ -36,6 +37,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer.train_tokenizer import QWEN2_SPLIT
 
 Q = gguf.GGMLQuantizationType
 # --outtype: the storage type of every matrix. q8_0 / q4_0 store blocks of 32 values as 8- / 4-bit
@@ -162,17 +164,23 @@ def add_hyperparameters(writer: gguf.GGUFWriter, config: MiniMindConfig) -> None
         writer.add_rope_scaling_attn_factors(yarn["attention_factor"] / (1 + 0.1 * math.log(yarn["factor"])))
 
 
-def check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> dict:
-    """The tokenizer's own description (tokenizer.json), if llama.cpp's `gpt2` / `gpt-2` reproduces it exactly."""
+def llama_cpp_pre_tokenizer(tokenizer: PreTrainedTokenizerBase) -> tuple[dict, str]:
+    """The tokenizer's own description (tokenizer.json), and the name of the llama.cpp pre-tokenizer that
+    reproduces it exactly: `qwen2` (ours, `train_tokenizer.py --split qwen2`) or `gpt-2` (MiniMind's)."""
     description = json.loads(tokenizer.backend_tokenizer.to_str())
     pre = description.get("pre_tokenizer") or {}
-    exact = (description["model"]["type"] == "BPE" and description.get("normalizer") is None
-             and pre.get("type") == "ByteLevel" and pre.get("use_regex") and not pre.get("add_prefix_space"))
-    if not exact:
-        raise ValueError(f"{tokenizer.name_or_path}: only a byte-level BPE tokenizer with GPT-2's split and no "
-                         f"normalizer (MiniMind's) has an exact llama.cpp equivalent; this one has pre_tokenizer {pre} "
-                         f"and normalizer {description.get('normalizer')}")
-    return description
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    plain_bpe = description["model"]["type"] == "BPE" and description.get("normalizer") is None
+    if plain_bpe and pre.get("type") == "ByteLevel" and pre.get("use_regex") and not pre.get("add_prefix_space"):
+        return description, "gpt-2"
+    if (plain_bpe and steps and len(steps) == 2 and steps[0].get("type") == "Split"
+            and steps[0].get("pattern") == {"Regex": QWEN2_SPLIT} and steps[0].get("behavior") == "Isolated"
+            and not steps[0].get("invert") and steps[1].get("type") == "ByteLevel"
+            and not steps[1].get("use_regex") and not steps[1].get("add_prefix_space")):
+        return description, "qwen2"
+    raise ValueError(f"{tokenizer.name_or_path}: only a byte-level BPE tokenizer with no normalizer and Qwen2's or "
+                     f"GPT-2's split (ours, MiniMind's) has an exact llama.cpp equivalent; this one has pre_tokenizer "
+                     f"{pre} and normalizer {description.get('normalizer')}")
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
@@ -180,7 +188,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, v
 
     Special tokens are CONTROL: llama.cpp then reads `<|im_start|>` in text as one token only when asked
     to parse specials, and leaves it out of detokenised text unless asked, as transformers does."""
-    description = check_tokenizer(tokenizer)
+    description, pre_name = llama_cpp_pre_tokenizer(tokenizer)
     if len(tokenizer) > vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} embeddings: "
                          "pass the model's own tokenizer with --tokenizer_path")
@@ -192,7 +200,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, v
     for index, added in tokenizer.added_tokens_decoder.items():
         types[index] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(pre_name)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges([" ".join(pair) for pair in description["model"]["merges"]])

@@ -4,8 +4,9 @@
     python scripts/measure_post_training.py            # first trains an SFT model from scratch (128 hidden, 4 layers)
     python scripts/measure_post_training.py --quick    # tiny models, a few steps: checks the plumbing
 
-1. DPO (`trainer/train_dpo.py`, `dataset/demo/dpo.jsonl`; by default `--rpo_alpha 1`, lr 1e-4, 2 epochs)
-   from the SFT model: the preference accuracy (chosen reward > rejected reward) of the first and last
+1. DPO (`trainer/train_dpo.py`; by default `--rpo_alpha 1`, lr 1e-4, 2 epochs) from the SFT model, on
+   on-policy pairs (`scripts/make_dpo_pairs.py`: the SFT model's own wrong answers to the RL prompts as
+   `rejected`) or with `--dpo_pairs shipped` on `dataset/demo/dpo.jsonl` (fixed near misses): the preference accuracy (chosen reward > rejected reward) of the first and last
    tenth of its steps; on the held-out questions
    (`dataset/demo/eval.jsonl`), exact-match accuracy (`eval_llm.py --eval_file`, greedy) and how often the
    model finds the reference answer likelier than a near miss (the answer plus one), before and after.
@@ -89,6 +90,9 @@ def main() -> None:
                                                            "SFT from random weights on dataset/demo/sft.jsonl, 1 epoch")
     parser.add_argument("--out_dir", default=str(REPO / "out" / "post_training"))
     parser.add_argument("--quick", action="store_true", help="tiny models, a few steps")
+    parser.add_argument("--dpo_pairs", choices=["on_policy", "shipped"], default="on_policy",
+                        help="on_policy: the SFT model's own wrong answers as rejected (scripts/make_dpo_pairs.py); "
+                             "shipped: dataset/demo/dpo.jsonl's near misses")
     parser.add_argument("--dpo_learning_rate", type=float, default=1e-4)
     parser.add_argument("--dpo_beta", type=float, default=0.1)
     parser.add_argument("--dpo_rpo_alpha", type=float, default=1.0, help="train_dpo.py --rpo_alpha (0 = plain DPO)")
@@ -134,7 +138,13 @@ def main() -> None:
     since = stage_done("sft", since)
 
     # 1. DPO
-    trainer("train_dpo.py", "--from_weight", str(sft), "--batch_size", "16", "--max_seq_len", "128",
+    if args.dpo_pairs == "on_policy":
+        pairs = out / "dpo_on_policy.jsonl"
+        run([python, "scripts/make_dpo_pairs.py", "--load_from", str(sft), "--out", str(pairs), "--device", args.device,
+             *(["--max_prompts", "200"] if args.quick else [])])
+    else:
+        pairs = DEMO / "dpo.jsonl"
+    trainer("train_dpo.py", "--from_weight", str(sft), "--data_path", str(pairs), "--batch_size", "16", "--max_seq_len", "128",
             "--learning_rate", str(args.dpo_learning_rate), "--beta", str(args.dpo_beta),
             "--rpo_alpha", str(args.dpo_rpo_alpha), "--epochs", str(args.dpo_epochs))
     dpo = next(out.glob("dpo_*.pth"))
@@ -189,7 +199,7 @@ def main() -> None:
                 "preference_accuracy_last_tenth": mean(dpo_metrics[-tenth:], "reward_accuracy"),
                 "reward_margin_first_tenth": mean(dpo_metrics[:tenth], "reward_margin"),
                 "reward_margin_last_tenth": mean(dpo_metrics[-tenth:], "reward_margin"),
-                "learning_rate": args.dpo_learning_rate, "beta": args.dpo_beta, "rpo_alpha": args.dpo_rpo_alpha,
+                "pairs": args.dpo_pairs, "learning_rate": args.dpo_learning_rate, "beta": args.dpo_beta, "rpo_alpha": args.dpo_rpo_alpha,
                 "epochs": args.dpo_epochs, "vs_sft": paired_change(sft_details, dpo_details)},
         "distillation": {"held_out_nll_kd": held_out_nll["kd"], "held_out_nll_ce_only": held_out_nll["ce"],
                          "held_out_nll_teacher": held_out_nll["teacher"],

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import loader
-from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM, next_token_nll
 from trainer import engine
 
 
@@ -61,6 +61,28 @@ def test_accumulation_weighs_every_token_equally(tmp_path):
     (total / 17).backward()
     for name, param in reference.named_parameters():
         assert torch.allclose(captured[name], param.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_loss_from_the_labelled_positions_only_equals_the_full_cross_entropy():
+    """causal_lm_loss sends only the positions that predict a labelled token through the vocabulary head:
+    its loss and every gradient must be those of the cross-entropy over the whole logits, with labels
+    scattered over rows (as in a packed SFT row: several replies, prompts between them)."""
+    model = tiny_model()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 6400, (3, 24))
+    labels = ids.masked_fill(torch.rand(3, 24) < 0.7, -100)
+    labels[2] = -100  # a row with nothing to learn
+    batch = {"input_ids": ids, "labels": labels}
+    out = engine.causal_lm_loss(model, batch)
+    out.loss_sum.backward()
+    selected = {name: param.grad.clone() for name, param in model.named_parameters()}
+    model.zero_grad()
+    reference = next_token_nll(model(input_ids=ids).logits, labels, reduction="sum")
+    reference.backward()
+    assert out.count == int((labels[:, 1:] != -100).sum()) > 0
+    torch.testing.assert_close(out.loss_sum, reference, rtol=1e-6, atol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(selected[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_cosine_schedule_warmup_and_floor():

@@ -24,6 +24,7 @@ from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from scripts.convert_model import main as convert
 from test_convert_model import save_pth
 from test_model import make_model
+from trainer.train_tokenizer import main as train_tokenizer_main
 
 DEMO_CORPUS = Path(__file__).resolve().parents[1] / "dataset" / "demo" / "pretrain.jsonl"
 
@@ -153,14 +154,32 @@ def test_yarn_written_as_llama_cpp_rope_scaling(tmp_path, tokenizer):
     assert np.abs(our_logits(model, ids) - our_logits(plain, ids)).max() > 1, "YaRN must change these logits"
 
 
-def test_tokenisation_matches(tmp_path, tokenizer):
+@pytest.fixture(scope="module")
+def gpt2_split_tokenizer(tmp_path_factory):
+    """A tokenizer split as MiniMind's own (digit runs kept together, llama.cpp pre `gpt-2`), trained on the
+    start of the demo corpus: users bring that one with their MiniMind weights."""
+    directory = tmp_path_factory.mktemp("gpt2_split")
+    corpus = directory / "corpus.jsonl"
+    with open(DEMO_CORPUS, encoding="utf-8") as source:
+        corpus.write_text("".join(islice(source, 1500)), encoding="utf-8")
+    train_tokenizer_main(["--data_path", str(corpus), "--vocab_size", "3000", "--split", "gpt2",
+                          "--out_dir", str(directory / "tokenizer")])
+    return AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
+
+
+@pytest.mark.parametrize("split", ["qwen2", "gpt2"])
+def test_tokenisation_matches(tmp_path, tokenizer, gpt2_split_tokenizer, split):
     """llama.cpp's tokenizer gives our ids (and decodes them back to the text) for the prompts and the
-    first 200 lines of the demo corpus; the issue's example: qwen2's pre-tokenizer splits it differently."""
+    first 200 lines of the demo corpus, with our digit-splitting tokenizer (pre `qwen2`) and with one split as
+    MiniMind's (pre `gpt-2`): each name's regex cuts "3.14159 12345" differently, so a wrong name fails here."""
+    chosen = tokenizer if split == "qwen2" else gpt2_split_tokenizer
     with open(DEMO_CORPUS, encoding="utf-8") as corpus:
         texts = [*PROMPTS.values(), "3.14159 12345", *(json.loads(line)["text"] for line in islice(corpus, 200))]
-    with llama_cpp_session(export(make_model(), tmp_path, "f16"), vocab_only=True) as llm:
+    flags = [] if split == "qwen2" else ["--tokenizer_path", chosen.name_or_path]
+    with llama_cpp_session(export(make_model(), tmp_path, "f16", *flags), vocab_only=True) as llm:
+        assert llm.metadata["tokenizer.ggml.pre"] == {"qwen2": "qwen2", "gpt2": "gpt-2"}[split]
         for text in texts:
-            ids = tokenizer.encode(text)
+            ids = chosen.encode(text)
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text[:60]
             assert llama_cpp_text(llm, ids) == text, text[:60]
 

@@ -93,3 +93,29 @@ def test_held_out_preference_accuracy_counts_pairs_whose_chosen_reply_is_likelie
                > reply_log_prob(item["rejected_input_ids"], item["rejected_labels"]) for item in items)
     assert 0 < wins < len(pairs)
     assert preference_accuracy(tmp_path / "m.pth", tmp_path / "pairs.jsonl") == wins / len(pairs)
+
+
+def test_on_policy_pairs_reject_exactly_what_the_model_said(tmp_path):
+    """scripts/make_dpo_pairs.py: one pair per prompt the model got wrong, the reference answer as `chosen`,
+    the model's own greedy reply (as eval_llm.py gave it) as `rejected`; right answers give no pair."""
+    torch.manual_seed(0)
+    save_weights(MiniMindForCausalLM(MiniMindConfig(**PRESETS["tiny"])), tmp_path / "m.pth")
+    prompts = tmp_path / "prompts.jsonl"
+    lines = (REPO / "dataset" / "demo" / "rlaif.jsonl").read_text(encoding="utf-8").splitlines()[:30]
+    prompts.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "make_dpo_pairs.py"), "--load_from",
+                             str(tmp_path / "m.pth"), "--prompts", str(prompts), "--out", str(tmp_path / "pairs.jsonl"),
+                             "--device", "cpu", "--max_new_tokens", "4"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    answers = json.loads((tmp_path / "pairs.answers.json").read_text())["predictions"]
+    wrong = [(record, detail) for record, detail in zip(map(json.loads, lines), answers) if not detail["correct"]]
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert summary == {"prompts": 30, "pairs": len(wrong), "accuracy": (30 - len(wrong)) / 30, "out": str(tmp_path / "pairs.jsonl")}
+    assert len(pairs) == len(wrong) > 0
+    for pair, (record, detail) in zip(pairs, wrong):
+        assert pair["chosen"][:-1] == pair["rejected"][:-1] == record["conversations"]
+        assert pair["chosen"][-1] == {"role": "assistant", "content": record["answer"]}
+        assert pair["rejected"][-1] == {"role": "assistant", "content": detail["prediction"].strip()}
+    DPODataset(tmp_path / "pairs.jsonl", load_tokenizer(), max_length=64)[0]  # train_dpo.py reads them

@@ -45,6 +45,27 @@ def test_special_token_text_encodes_to_its_id(tokenizer):
     assert tokenizer("<|im_start|>assistant\nhi<|im_end|>").input_ids[-1] == 2
 
 
+def test_every_digit_is_its_own_token(tokenizer):
+    """Arithmetic is learnable digit by digit only if "30" and "31" share the token of 3: the bundled
+    tokenizer never merges a digit with anything."""
+    text = "What number comes after 30? 31. 47 + 28 = 75，1999 年"
+    pieces = [tokenizer.decode([i]) for i in tokenizer.encode(text)]
+    assert "".join(pieces) == text
+    assert all(len(piece) == 1 for piece in pieces if any(c.isdigit() for c in piece)), pieces
+    assert {tokenizer.encode(str(d)) == [tokenizer.convert_tokens_to_ids(str(d))] for d in range(10)} == {True}
+
+
+def test_gpt2_split_keeps_digit_runs_as_minimind_does(tmp_path):
+    """`--split gpt2` is MiniMind's pre-tokenizer: a frequent number becomes one token."""
+    corpus = tmp_path / "numbers.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{n} + 1 = {n + 1}. "}) + "\n" for n in range(10, 40)) * 20)
+    for split, merged in (("gpt2", True), ("qwen2", False)):
+        train_tokenizer_main(["--data_path", str(corpus), "--vocab_size", "300", "--split", split,
+                              "--out_dir", str(tmp_path / split)])
+        ids = AutoTokenizer.from_pretrained(tmp_path / split).encode("25 + 1 = 26")
+        assert (len(ids) < 9) == merged, (split, ids)  # 9 pieces when every digit stands alone
+
+
 @pytest.mark.parametrize("text", [
     "你好，世界！今天北京的天气很好，我们去公园散步吧。",
     "The quick brown fox jumps over the lazy dog. It's 3:45 p.m., isn't it?",

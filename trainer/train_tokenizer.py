@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = [REPO_ROOT / "dataset" / "demo" / "pretrain.jsonl", REPO_ROOT / "dataset" / "demo" / "sft.jsonl"]
@@ -25,6 +25,22 @@ DEFAULT_DATA = [REPO_ROOT / "dataset" / "demo" / "pretrain.jsonl", REPO_ROOT / "
 # BPE never needs), the start of a chat turn (bos) and the end of a turn (eos).
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
+
+# How text is cut into pieces before BPE merges within them. GPT-2's split (MiniMind's tokenizer) keeps a
+# run of digits together, so BPE learns "31" and " 30" as unrelated tokens and every sum or successor is a
+# fact to memorise; Qwen2's split (the same regex otherwise) makes each digit its own piece, so "30" -> "31"
+# is "copy 3, add one to 0" and arithmetic can be learnt digit by digit. llama.cpp knows both (pre `gpt-2`,
+# `qwen2`), so either exports to GGUF.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def pre_tokenizer(split: str) -> pre_tokenizers.PreTokenizer:
+    """`qwen2`: one piece per digit; `gpt2`: digits grouped, as MiniMind's own tokenizer."""
+    if split == "gpt2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 # ChatML with Qwen-style tool calling. It renders exactly the text MiniMind2's template renders
 # (see ../shared/chat_template_examples.json), and one addition: an assistant message with a
@@ -153,11 +169,13 @@ def read_texts(paths: Iterable[Path]) -> Iterator[str]:
                                 yield message[field]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, show_progress: bool = True) -> Tokenizer:
-    """Byte-level BPE: no normalizer (so decoding gives back the exact input), GPT-2 style
-    pre-splitting into words, numbers and punctuation, and the 256 bytes as the base alphabet."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 6400, show_progress: bool = True,
+                    split: str = "qwen2") -> Tokenizer:
+    """Byte-level BPE: no normalizer (so decoding gives back the exact input), pre-splitting into
+    words, single digits (or digit runs with `split="gpt2"`) and punctuation, and the 256 bytes as
+    the base alphabet."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizer(split)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -188,9 +206,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="ids in all, special tokens included (default 6400)")
     parser.add_argument("--out_dir", type=Path, default=REPO_ROOT / "model",
                         help="where tokenizer.json and tokenizer_config.json go (default: <repo>/model)")
+    parser.add_argument("--split", choices=["qwen2", "gpt2"], default="qwen2",
+                        help="pre-tokenizer: qwen2 = every digit its own token (default; arithmetic is learnable), "
+                             "gpt2 = digit runs merged, as MiniMind's tokenizer")
     args = parser.parse_args(argv)
 
-    tokenizer = train_tokenizer(read_texts(args.data_path), args.vocab_size)
+    tokenizer = train_tokenizer(read_texts(args.data_path), args.vocab_size, split=args.split)
     save(tokenizer, args.out_dir)
     print(f"saved a {tokenizer.get_vocab_size()}-id tokenizer to {args.out_dir}")
 
