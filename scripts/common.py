@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -248,3 +249,10 @@ def paired_change(before: dict, after: dict) -> dict | None:
     first, second = correctness(before), correctness(after)
     shared = sorted(set(first) & set(second))
     return mcnemar_exact([first[q] for q in shared], [second[q] for q in shared]) if shared else None
+
+
+def constant_answer_baseline(predictions: list[dict]) -> dict:
+    """What a model scores that gives every question the same reply, the most common reference answer:
+    the level below which an accuracy says nothing about reading the question."""
+    answer, count = Counter(str(p["answer"]) for p in predictions).most_common(1)[0]
+    return {"answer": answer, "accuracy": count / len(predictions)}

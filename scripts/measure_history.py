@@ -35,11 +35,10 @@ import argparse
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
-from scripts.common import (DEMO, REPO, accelerator_name, add_device_args, binomial_interval, cpu_name, last_json,
-                            mcnemar_exact, output_dir, read_metrics, run)
+from scripts.common import (DEMO, REPO, accelerator_name, add_device_args, binomial_interval, constant_answer_baseline,
+                            cpu_name, last_json, mcnemar_exact, output_dir, read_metrics, run)
 
 TRAINING_MODES = ("full", "query_utterance")
 INFERENCE_MODES = ("full", "query_utterance", "none")
@@ -51,13 +50,6 @@ def cell(summary: dict, correct: list[bool]) -> dict:
     low, high = binomial_interval(summary["correct"], summary["samples"])
     return {"accuracy": summary["accuracy"], "correct": summary["correct"], "n": summary["samples"],
             "interval_95": [low, high], "mean_prompt_tokens": summary["mean_prompt_tokens"], "answers": correct}
-
-
-def constant_answer_baseline(predictions: list[dict]) -> dict:
-    """What a model scores that gives every question the same reply, the most common reference answer:
-    the level below which an accuracy says nothing about reading the conversation."""
-    answer, count = Counter(str(p["answer"]) for p in predictions).most_common(1)[0]
-    return {"answer": answer, "accuracy": count / len(predictions)}
 
 
 def markdown_table(results: dict) -> str:

@@ -27,12 +27,36 @@ def test_quick_pipeline_runs_end_to_end_and_reports(tmp_path):
     assert "held-out" in report and "bits per byte" in report
     card = (tmp_path / "out" / "report_card.md").read_text(encoding="utf-8")
     assert "C-Eval" in card and "CMMLU" in card
-    # the report card reuses the pipeline's two exact-match evaluations instead of running them again
+    # the report card reuses the pipeline's two held-out exact-match evaluations instead of running them again;
+    # the third scores the validation questions carved from the SFT data
     steps = [line for line in result.stdout.splitlines() if line.startswith("$ ")]
-    assert sum("eval_llm.py" in step and "--eval_file" in step for step in steps) == 2
+    assert sum("eval_llm.py" in step and "--eval_file" in step for step in steps) == 3
+    assert summary["validation_accuracy"] is not None and 0.0 <= summary["validation_accuracy"] <= 1.0
     for name in ("demo_pretrain_loss.png", "demo_sft_loss.png"):
         assert (tmp_path / "images" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "out" / "pretrain_64.pth").exists() and (tmp_path / "out" / "full_sft_64.pth").exists()
+
+
+def test_sweep_chooses_on_validation_questions_and_never_scores_the_held_out_ones(tmp_path):
+    out = tmp_path / "sweep"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "sweep_demo.py"), "--quick", "--device", "cpu",
+                             "--recipes", "base", "one_sft_epoch", "--budget_minutes", "60", "--out_dir", str(out)],
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    steps = [line for line in result.stdout.splitlines() if line.startswith("$ ")]
+    assert not any("demo/eval.jsonl" in step for step in steps)  # eval.jsonl is for the chosen recipe's demo run
+    assert sum("sft_val_questions.jsonl" in step for step in steps) == 2
+    accuracy = {r["recipe"]: r["validation_accuracy"] for r in report["recipes"]}
+    assert set(accuracy) == {"base", "one_sft_epoch"} and report["chosen"] == max(accuracy, key=accuracy.get)
+    questions = (out / "base" / "data" / "sft_val_questions.jsonl").read_text(encoding="utf-8").splitlines()
+    held_out = {json.loads(line)["conversations"][-1]["content"]
+                for line in (REPO / "dataset" / "demo" / "eval.jsonl").read_text(encoding="utf-8").splitlines()}
+    asked = [json.loads(line) for line in questions]
+    assert len(asked) > 300 and all(q["answer"].isdigit() and len(q["conversations"]) == 1 for q in asked)
+    assert not held_out & {q["conversations"][0]["content"] for q in asked}
+    table = (out / "sweep.md").read_text(encoding="utf-8")
+    assert table.count("| base |") + table.count("| **base** |") == 1 and "validation exact match" in table
 
 
 def test_bench_train_prints_json_last(tmp_path):

@@ -85,6 +85,22 @@ def test_loss_from_the_labelled_positions_only_equals_the_full_cross_entropy():
         torch.testing.assert_close(selected[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("steps, compiles", [(100, False), (100_000, True)])
+def test_auto_compiles_only_when_the_rest_of_the_run_pays_for_it(tmp_path, monkeypatch, steps, compiles):
+    """`--use_compile auto` times the first eager steps, then compiles in place when steps left x step time
+    x (1 - 1/speedup) exceeds the compile time: at 0.1 s a step, 30 s to compile and 1.5x, it takes 900 steps."""
+    monkeypatch.setitem(engine.COMPILE_COST, "cpu", (30.0, 1.5))
+    model = tiny_model()
+    trainer = engine.Trainer(make_args(tmp_path), engine.Runtime(torch.device("cpu"), torch.float32), model)
+    trainer.total_steps = steps
+    for _ in range(engine.COMPILE_PROBE_STEPS):
+        trainer.compile_if_it_pays(2.0 if not trainer.probe_step_seconds else 0.1)  # the first step is slow
+        assert model._compiled_call_impl is None and not trainer.compile_decided
+    trainer.compile_if_it_pays(0.1)
+    assert trainer.compile_decided and (model._compiled_call_impl is not None) == compiles
+    trainer.compile_if_it_pays(0.1)  # decided once
+
+
 def test_cosine_schedule_warmup_and_floor():
     peak = 1.0
     assert engine.cosine_lr(0, 100, peak, warmup_steps=10) == pytest.approx(0.1)

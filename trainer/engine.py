@@ -99,7 +99,9 @@ def stage_parser(description: str, *, save_weight: str, from_weight: str, learni
     runtime.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                          help="auto = bf16 where the device runs it faster than fp32, else fp16 on CUDA, else fp32")
     runtime.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
-    add_switch(runtime, "--use_compile", help="1 = torch.compile the model")
+    runtime.add_argument("--use_compile", nargs="?", const="1", default="auto", choices=["auto", "0", "1"],
+                         help="1 = torch.compile the model; auto (default) = time the first steps eagerly, then compile "
+                              "if the rest of the run saves more time than compiling costs (see COMPILE_COST)")
     runtime.add_argument("--log_interval", type=int, default=log_interval, help="log every N optimizer steps")
     runtime.add_argument("--save_interval", type=int, default=save_interval, help="save weights + resume state every N optimizer steps")
     add_switch(runtime, "--use_wandb", help="1 = log to wandb (or swanlab if wandb is absent); offline without an API key")
@@ -303,6 +305,15 @@ def freeze(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
 def load_frozen_model(args: argparse.Namespace, runtime: Runtime, name: str, flag: str,
                       config: MiniMindConfig | None = None) -> torch.nn.Module:
     return freeze(load_model(args, runtime, name, config, flag), runtime)
+
+
+# `--use_compile auto`: eager steps timed before deciding, and per device what torch.compile costs (seconds,
+# mostly inductor's code generation) and gains (the step's speedup), from scripts/bench_train.py (README,
+# "Training speed"). CPU, on the 2-core AMX Xeon at the demo's size (hidden 256, 4 layers, 16 x 256 bf16):
+# 19-43 s to compile, 1.11x on pretraining rows (more on SFT rows, less consistently), so the worst cost and the
+# surer gain. CUDA: 1.49x on an H100 (packed fp32, MiniMind2-Small); its compile time was not measured, 60 s assumed.
+COMPILE_PROBE_STEPS = 4
+COMPILE_COST = {"cpu": (43.0, 1.11), "cuda": (60.0, 1.49)}
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -708,8 +719,10 @@ class Trainer:
             self.validation = Validation(loader.resolve_path(args.eval_data), tokenizer, args.max_seq_len,
                                          args.batch_size, runtime)
         self.model = model
-        if args.use_compile:
+        if args.use_compile == "1":
             self.model = torch.compile(self.model)
+        self.compile_decided = args.use_compile != "auto" or getattr(args, "deepspeed", None) is not None
+        self.probe_step_seconds: list[float] = []
         if self.zero is not None:
             self.model = self.zero.wrap(self.model, self.optimizer)
         elif runtime.distributed:
@@ -741,6 +754,27 @@ class Trainer:
         self.start_logging()
         self.model.train()
         return True
+
+    def compile_if_it_pays(self, step_seconds: float) -> None:
+        """`--use_compile auto`: after COMPILE_PROBE_STEPS eager steps (the first, which allocates, not
+        counted), compile the model in place if the steps left would save more than compiling costs on
+        this device: steps left x eager step time x (1 - 1 / speedup) > compile seconds. Every process
+        decides on the slowest process's time, so all compile or none do."""
+        if self.compile_decided:
+            return
+        self.probe_step_seconds.append(step_seconds)
+        if len(self.probe_step_seconds) < COMPILE_PROBE_STEPS + 1:
+            return
+        self.compile_decided = True
+        eager = self.runtime.all_reduce(float(np.median(self.probe_step_seconds[1:])), "max").item()
+        compile_seconds, speedup = COMPILE_COST.get(self.runtime.device.type, (float("inf"), 1.0))
+        left = self.planned_steps() - self.step
+        saving = left * eager * (1 - 1 / speedup)
+        verdict = "compiling" if saving > compile_seconds else "not compiling"
+        self.runtime.print(f"--use_compile auto: {verdict} ({left} steps left at {eager:.2f} s would save about "
+                           f"{saving:.0f} s at {speedup}x; compiling costs about {compile_seconds:.0f} s)")
+        if saving > compile_seconds:
+            unwrap(self.model).compile()
 
     def planned_steps(self) -> int:
         return min(self.total_steps, self.args.max_steps) if self.args.max_steps else self.total_steps
@@ -1153,8 +1187,9 @@ def train(trainer: Trainer, batches: Batches, loss_fn: Callable[[torch.nn.Module
     if not trainer.start(batches):
         return
     for window in trainer.windows(batches):
-        steps_before = trainer.step
+        steps_before, started = trainer.step, time.perf_counter()
         trainer.train_step(window, loss_fn)
+        trainer.compile_if_it_pays(time.perf_counter() - started)
         trainer.save_if_due(steps_before)
         if trainer.done:
             break
