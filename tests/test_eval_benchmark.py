@@ -103,16 +103,17 @@ def read_rows(path: Path) -> list[list[str]]:
         return [row[1:] for row in list(csv.reader(f))[1:]]  # drop the id / index column
 
 
-def reference_correct(model, tokenizer, folder: Path, benchmark: str, shots: int, rename: str | None = None) -> dict:
-    """Per-subject correct counts: one prompt at a time, no padding, argmax of the four letters'
-    logits at the last position. `rename` swaps the subject's Chinese name for another word."""
+def reference_answers(model, tokenizer, folder: Path, benchmark: str, shots: int, rename: str | None = None) -> dict:
+    """Per subject, the chosen letter and the reference letter of each question: one prompt at a time, no
+    padding, argmax of the four letters' logits at the last position. `rename` swaps the subject's Chinese
+    name for another word."""
     letters = [tokenizer.convert_tokens_to_ids(letter) for letter in "ABCD"]
-    counts = {}
+    answers = {}
     for subject in SUBJECTS[benchmark]:
         split = SCORED_SPLIT[benchmark]
         name = f"{subject}_{{}}.csv" if benchmark == "ceval" else f"{subject}.csv"
         dev = read_rows(folder / "dev" / name.format("dev"))[:shots]
-        correct = 0
+        answers[subject] = []
         for row in read_rows(folder / split / name.format(split)):
             prompt = official_prompt(benchmark, subject, dev, row)
             if rename:
@@ -120,9 +121,8 @@ def reference_correct(model, tokenizer, folder: Path, benchmark: str, shots: int
             ids = torch.tensor([tokenizer(prompt).input_ids])
             with torch.no_grad():
                 logits = model(input_ids=ids).logits[0, -1]
-            correct += "ABCD"[int(logits[letters].argmax())] == row[5]
-        counts[subject] = correct
-    return counts
+            answers[subject].append(("ABCD"[int(logits[letters].argmax())], row[5]))
+    return answers
 
 
 @pytest.mark.parametrize("bench", ["ceval", "cmmlu"])
@@ -130,20 +130,23 @@ def reference_correct(model, tokenizer, folder: Path, benchmark: str, shots: int
 def test_correct_counts_equal_an_independent_implementation(sharp_model, layouts, bench, shots):
     _, model, tokenizer = sharp_model
     results, details = eval_benchmark.evaluate(model, tokenizer, bench, layouts[bench], shots=shots, batch_size=4)
-    expected = reference_correct(model, tokenizer, layouts[bench], bench, shots)
+    answers = reference_answers(model, tokenizer, layouts[bench], bench, shots)
+    expected = {subject: sum(chosen == reference for chosen, reference in pairs) for subject, pairs in answers.items()}
     assert {name: entry["correct"] for name, entry in results["subjects"].items()} == expected
+    chosen = {subject: [letter for letter, _ in pairs] for subject, pairs in answers.items()}
+    assert {subject: [d["prediction"] for d in details if d["subject"] == subject] for subject in chosen} == chosen
     assert results["n"] == 28 and len(details) == 28
     assert results["accuracy"] == sum(expected.values()) / 28
 
 
 def test_the_protocol_check_can_fail(sharp_model, layouts):
     """The model is sharp enough that one changed word in the header changes its answers: a runner
-    that got the prompt slightly wrong would not pass the test above."""
+    that got the prompt slightly wrong would not pass the test above (whose counts come from these answers)."""
     _, model, tokenizer = sharp_model
     for benchmark in SUBJECTS:
-        right = reference_correct(model, tokenizer, layouts[benchmark], benchmark, 0)
-        renamed = reference_correct(model, tokenizer, layouts[benchmark], benchmark, 0, rename="物理")
-        assert right != renamed
+        right = reference_answers(model, tokenizer, layouts[benchmark], benchmark, 0)
+        renamed = reference_answers(model, tokenizer, layouts[benchmark], benchmark, 0, rename="物理")
+        assert right != renamed  # some chosen letter differs
 
 
 # --- the prompt text, byte for byte ------------------------------------------------------------

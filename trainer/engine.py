@@ -100,8 +100,9 @@ def stage_parser(description: str, *, save_weight: str, from_weight: str, learni
                          help="auto = bf16 where the device runs it faster than fp32, else fp16 on CUDA, else fp32")
     runtime.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
     runtime.add_argument("--use_compile", nargs="?", const="1", default="auto", choices=["auto", "0", "1"],
-                         help="1 = torch.compile the model; auto (default) = time the first steps eagerly, then compile "
-                              "if the rest of the run saves more time than compiling costs (see COMPILE_COST)")
+                         help="1 = torch.compile the model; auto (default) = on packed rows (fixed shape), time the first "
+                              "steps eagerly, then compile if the rest of the run saves more time than compiling "
+                              "costs (see COMPILE_COST)")
     runtime.add_argument("--log_interval", type=int, default=log_interval, help="log every N optimizer steps")
     runtime.add_argument("--save_interval", type=int, default=save_interval, help="save weights + resume state every N optimizer steps")
     add_switch(runtime, "--use_wandb", help="1 = log to wandb (or swanlab if wandb is absent); offline without an API key")
@@ -744,6 +745,8 @@ class Trainer:
         steps_per_epoch = math.ceil(batches.estimated_batches_per_epoch() / self.args.accumulation_steps)
         self.total_steps = self.args.epochs * steps_per_epoch * updates_per_window
         self.state_objects["data"] = batches  # its position is part of the resume state
+        if not getattr(batches, "pack", False):
+            self.compile_decided = True  # padded rows change shape every batch: compiling would recompile, not pay
         self.train_args = train_record(self.args, batches.dataset)
         if self.load_resume() and self.complete():
             self.runtime.print(f"{self.stem}: the run is complete ({self.step} steps, {self.epochs_completed} of "
