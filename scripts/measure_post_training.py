@@ -5,8 +5,8 @@
     python scripts/measure_post_training.py --quick    # tiny models, a few steps: checks the plumbing
 
 1. DPO (`trainer/train_dpo.py`; by default `--rpo_alpha 1`, lr 1e-4, 2 epochs) from the SFT model, on
-   on-policy pairs (`scripts/make_dpo_pairs.py`: the SFT model's own wrong answers to the RL prompts as
-   `rejected`) or with `--dpo_pairs shipped` on `dataset/demo/dpo.jsonl` (fixed near misses): the preference accuracy (chosen reward > rejected reward) of the first and last
+   `dataset/demo/dpo.jsonl` (fixed near misses as `rejected`) or with `--dpo_pairs on_policy` on the SFT
+   model's own wrong answers to the RL prompts (`scripts/make_dpo_pairs.py`): the preference accuracy (chosen reward > rejected reward) of the first and last
    tenth of its steps; on the held-out questions
    (`dataset/demo/eval.jsonl`), exact-match accuracy (`eval_llm.py --eval_file`, greedy) and how often the
    model finds the reference answer likelier than a near miss (the answer plus one), before and after.
@@ -90,7 +90,7 @@ def main() -> None:
                                                            "SFT from random weights on dataset/demo/sft.jsonl, 1 epoch")
     parser.add_argument("--out_dir", default=str(REPO / "out" / "post_training"))
     parser.add_argument("--quick", action="store_true", help="tiny models, a few steps")
-    parser.add_argument("--dpo_pairs", choices=["on_policy", "shipped"], default="on_policy",
+    parser.add_argument("--dpo_pairs", choices=["on_policy", "shipped"], default="shipped",
                         help="on_policy: the SFT model's own wrong answers as rejected (scripts/make_dpo_pairs.py); "
                              "shipped: dataset/demo/dpo.jsonl's near misses")
     parser.add_argument("--dpo_learning_rate", type=float, default=1e-4)
