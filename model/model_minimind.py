@@ -291,17 +291,15 @@ class Attention(nn.Module):
         if not grouped_sdpa:
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         dropout = self.dropout if self.training else 0.0
-        if self.use_sdpa and x.device.type == "cpu" and q.dtype != torch.float32:
+        if self.use_sdpa:
             # On the CPU, SDPA's bf16/fp16 kernels are several times slower than its fp32 one (forward and
             # backward of a 16 x 256-token packed batch: 191 vs 42 ms on an AMX Xeon), so the scores are
-            # computed in fp32 there, outside autocast; the projections around them stay in low precision.
+            # computed in fp32 there, outside CPU autocast; the projections around them stay in low precision.
+            dtype = torch.float32 if x.device.type == "cpu" else q.dtype
             with torch.autocast("cpu", enabled=False):
-                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed,
+                out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=allowed,
                                                      dropout_p=dropout, is_causal=allowed is None and seq_len > 1,
                                                      enable_gqa=grouped_sdpa).to(q.dtype)
-        elif self.use_sdpa:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
-                                                 is_causal=allowed is None and seq_len > 1, enable_gqa=grouped_sdpa)
         else:  # the same computation written out
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
             if allowed is None:  # no past keys (or one query): the lower triangle

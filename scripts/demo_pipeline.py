@@ -82,10 +82,10 @@ def plot_loss(records: list[dict], title: str, path: Path, reference: tuple[floa
     save_figure(fig, ax, path, title)
 
 
-def stage_losses(out: Path, hidden: int) -> dict:
+def stage_losses(pretrain_metrics: list[dict], sft_metrics: list[dict]) -> dict:
     """The last validation loss (nats/token) and bits per byte of pretraining and SFT."""
-    return {f"{stage}_{key}": round(read_metrics(out / f"{weight}_{hidden}.metrics.jsonl")[-1][key], 3)
-            for stage, weight in (("pretrain", "pretrain"), ("sft", "full_sft")) for key in ("val_loss", "val_bpb")}
+    return {f"{stage}_{key}": round(metrics[-1][key], 3)
+            for stage, metrics in (("pretrain", pretrain_metrics), ("sft", sft_metrics)) for key in ("val_loss", "val_bpb")}
 
 
 def main() -> None:
@@ -151,10 +151,13 @@ def main() -> None:
          "--data_path", str(sft_data), "--eval_data", str(sft_val)])
     validation = evaluate("full_sft", validation_questions(sft_val, out / "data" / "sft_val_questions.jsonl"),
                           "validation_exact_match")
+    pretrain_metrics = read_metrics(out / f"pretrain_{hidden}.metrics.jsonl")
+    sft_metrics = read_metrics(out / f"full_sft_{hidden}.metrics.jsonl")
+    model_name = f"hidden {hidden}, {2 if args.quick else args.num_hidden_layers} layers"
     if args.skip_test:
-        summary = {"model": f"hidden {hidden}, {2 if args.quick else args.num_hidden_layers} layers",
-                   "validation_accuracy": validation["accuracy"], "validation_samples": validation["samples"],
-                   **stage_losses(out, hidden), "minutes": round((time.time() - start) / 60, 1)}
+        summary = {"model": model_name, "validation_accuracy": validation["accuracy"],
+                   "validation_correct": validation["correct"], "validation_samples": validation["samples"],
+                   **stage_losses(pretrain_metrics, sft_metrics), "minutes": round((time.time() - start) / 60, 1)}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary))
         return
@@ -169,8 +172,6 @@ def main() -> None:
                 "--max_new_tokens", "32", "--device", args.device, "--prompts", *CHAT_PROMPTS])
 
     # 5. The report.
-    pretrain_metrics = read_metrics(out / f"pretrain_{hidden}.metrics.jsonl")
-    sft_metrics = read_metrics(out / f"full_sft_{hidden}.metrics.jsonl")
     entropy = unigram_entropy(pretrain_data, tokenizer, args.max_seq_len)
     tail = pretrain_metrics[-max(1, len(pretrain_metrics) // 10):]
     final_pretrain_loss = sum(r["loss"] for r in tail) / len(tail)
@@ -178,10 +179,10 @@ def main() -> None:
               (entropy, f"unigram entropy of the data ({entropy:.2f})"))
     plot_loss(sft_metrics, "SFT on the demo conversations (assistant tokens)", images / "demo_sft_loss.png")
     summary = {
-        "model": f"hidden {hidden}, {2 if args.quick else args.num_hidden_layers} layers",
+        "model": model_name,
         "unigram_entropy": round(entropy, 3), "pretrain_final_loss": round(final_pretrain_loss, 3),
         "pretrain_tokens": pretrain_metrics[-1]["tokens"], "sft_final_loss": round(sft_metrics[-1]["loss"], 3),
-        **stage_losses(out, hidden), "validation_accuracy": validation["accuracy"],
+        **stage_losses(pretrain_metrics, sft_metrics), "validation_accuracy": validation["accuracy"],
         "accuracy_before_sft": before["accuracy"], "accuracy_after_sft": after["accuracy"],
         "eval_samples": after["samples"], "minutes": round((time.time() - start) / 60, 1),
     }

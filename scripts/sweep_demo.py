@@ -50,9 +50,8 @@ def main() -> None:
         summary = last_json(run([sys.executable, "scripts/demo_pipeline.py", "--skip_test", *RECIPES[name],
                                  "--out_dir", str(folder), "--images_dir", str(folder / "images"),
                                  "--device", args.device, "--dtype", args.dtype, *(["--quick"] if args.quick else [])]))
-        correct = round(summary["validation_accuracy"] * summary["validation_samples"])
-        low, high = binomial_interval(correct, summary["validation_samples"])
-        results.append({"recipe": name, "flags": " ".join(RECIPES[name]), **summary, "validation_correct": correct,
+        low, high = binomial_interval(summary["validation_correct"], summary["validation_samples"])
+        results.append({"recipe": name, "flags": " ".join(RECIPES[name]), **summary,
                         "validation_interval": [round(low, 4), round(high, 4)]})
 
     fitting = [r for r in results if r["minutes"] <= args.budget_minutes]
