@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_same_losses, free_port, losses, tiny_flags, torchrun, wait_for_logged_steps
+from conftest import (REPO, assert_same_losses, free_port, losses, run_trainer, tiny_flags, torchrun,
+                      wait_for_logged_steps)
 
 pytest.importorskip("deepspeed")
 
@@ -105,6 +106,50 @@ def test_zero_resume_after_kill_continues_exactly(small_data, tmp_path, request,
     assert_same_losses(resumed, losses(metrics_of(reference)), tolerance=1e-5)
     kept = sorted(path.name for path in (tmp_path / "ckpt" / "pretrain_64_zero").glob("step*"))
     assert kept == ["step10", "step9"], "only the checkpoints a resume state points to are kept"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_zero_run_resumes_on_another_number_of_processes(small_data, tmp_path, stage):
+    """Saved on 1 process, resumed on 2, then on 1 again: the saved step is mapped to the new count's
+    steps; each run starts from exactly the fp32 weights, AdamW moments and step counts the one before
+    it saved (both read whole through DeepSpeed, `zero_state_probe.py`); and, checked from the saved
+    data positions, no document of the epoch is trained by two of the runs."""
+    from dataset.lm_dataset import PackedBatches
+
+    probe = str(REPO / "tests" / "zero_state_probe.py")  # an absolute path: run_trainer and torchrun take it as is
+    flags = tiny_flags(tmp_path, small_data["pretrain"], *zero(stage), "--save_interval", "1", "--from_resume", "1")
+    checkpoints = tmp_path / "ckpt"
+
+    def data_states(world_size: int) -> list[dict]:
+        names = ["pretrain_64_resume.pth", *(f"pretrain_64_resume_rank{rank}.pth" for rank in range(1, world_size))]
+        return [torch.load(checkpoints / name, weights_only=False)["objects"]["data"] for name in names]
+
+    run_trainer(probe, [str(tmp_path / "one"), "train_pretrain.py", *flags, "--max_steps", "4"])
+    on_one = data_states(1)
+    on_two = torchrun(probe, [str(tmp_path / "two"), "train_pretrain.py", *flags, "--max_steps", "4"])
+    assert "its step 4 is step 2 here" in on_two.stdout
+    on_two_data = data_states(2)
+    again_on_one = run_trainer(probe, [str(tmp_path / "again"), "train_pretrain.py", *flags, "--max_steps", "10"])
+    assert "its step 4 is step 8 here" in again_on_one.stdout
+    assert not (checkpoints / "pretrain_64_zero" / "universal").exists(), "the conversion is removed once loaded"
+
+    # AdamW counts the updates its moments have seen, 4 on one process and 2 more on two, not the mapped step
+    for saved, loaded, adam_steps in [("one", "two", [4.0]), ("two", "again", [6.0])]:
+        before = torch.load(tmp_path / saved / "finished.pth")
+        after = torch.load(tmp_path / loaded / "loaded.pth")
+        assert after["adam_steps"] == before["adam_steps"] == adam_steps
+        assert after["weight_decay"] == before["weight_decay"] == [0.01, 0.0]
+        assert after["params"].keys() == before["params"].keys()
+        for name, states in before["params"].items():
+            assert states["exp_avg"].abs().sum() > 0
+            for key, tensor in states.items():
+                assert torch.equal(after["params"][name][key], tensor), f"{saved} -> {loaded}: {name} {key}"
+
+    reader = PackedBatches(list(range(300)), 4, 64, seed=42)
+    segments = [set().union(*(reader.trained_items(state) for state in states))
+                for states in (on_one, on_two_data, data_states(1))]
+    assert all(segments)
+    assert not (segments[0] & segments[1] or segments[0] & segments[2] or segments[1] & segments[2])
 
 
 def test_the_deepspeed_launcher_starts_two_cpu_processes(small_data, tmp_path):

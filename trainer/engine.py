@@ -679,10 +679,54 @@ class ZeroEngine:
         if loaded is None:
             sys.exit(f"error: no DeepSpeed checkpoint {directory / self.tag(step)}")
 
-    def prune(self, directory: Path, keep_steps: set[int]) -> None:
-        """Remove the checkpoints no resume state points to any more, and what a kill left of a save."""
+    def load_on_another_process_count(self, directory: Path, step: int) -> None:
+        """Load `step<N>` when it was saved by another number of processes: weights, AdamW's moments
+        and step count, through DeepSpeed's universal checkpoint.
+
+        A ZeRO checkpoint holds each process's slice of flat buffers (the fp32 master weights and each
+        moment), cut for the process count that saved it, and DeepSpeed's loader refuses another count
+        (ZeRO-1/2's elastic format included). `ds_to_universal` joins the slices into one tensor per
+        parameter and state, which an engine told `checkpoint.load_universal` cuts again for its own
+        count: one path for ZeRO-1, 2 and 3, with the moments (`zero_to_fp32` gives only the weights).
+        The engine reads that setting when it loads, so it is switched on for this load only. ZeRO-3's
+        universal loader gives every parameter group the hyperparameters of the first (ours differ in
+        weight decay) and one step-count tensor for all of them, which AdamW then advances once per
+        group at each step (its bias correction would run ahead): each group gets its own back. The
+        conversion is a temporary copy of the checkpoint, written by rank 0 and removed once every
+        process has loaded it."""
+        from deepspeed.checkpoint.ds_to_universal import main as convert_to_universal
+
+        universal = directory / "universal"
         if self.is_main:
-            for old in [*directory.glob("step*"), *directory.glob(".step*.tmp")]:
+            shutil.rmtree(universal, ignore_errors=True)
+            conversion = argparse.Namespace(input_folder=str(directory / self.tag(step)),
+                                            output_folder=str(universal / self.tag(step)),
+                                            num_extract_workers=1, num_merge_workers=1,  # 1 = no worker pool
+                                            keep_temp_folder=False, strict=True, inject_missing_state=True)
+            with contextlib.redirect_stdout(sys.stderr):  # its progress report is not the run's output
+                convert_to_universal(conversion)
+        dist.barrier()
+        groups = self.engine.optimizer.optimizer.param_groups
+        hyperparameters = [{key: value for key, value in group.items() if key != "params"} for group in groups]
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            self.load(universal, step)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        for group, own in zip(groups, hyperparameters):
+            group.update(own)
+        for state in self.engine.optimizer.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        dist.barrier()
+        if self.is_main:
+            shutil.rmtree(universal)
+
+    def prune(self, directory: Path, keep_steps: set[int]) -> None:
+        """Remove the checkpoints no resume state points to any more, and what a kill left of a save
+        or of a conversion (`load_on_another_process_count`)."""
+        if self.is_main:
+            for old in [*directory.glob("step*"), *directory.glob(".step*.tmp"), *directory.glob("universal")]:
                 if old.name not in {self.tag(step) for step in keep_steps}:
                     shutil.rmtree(old)
 
@@ -1136,14 +1180,13 @@ class Trainer:
         path = rank_files[0] if moved else self.agreed_resume_file()
         if path is None:
             return False
-        if moved and self.zero is not None:
-            sys.exit(f"error: {path} was written by {saved_world_size} DeepSpeed processes, this run has "
-                     f"{self.runtime.world_size}; a ZeRO run resumes on the process count it was saved with")
         state = torch.load(path, map_location="cpu", weights_only=False)
         if ("zero_checkpoint" in state) != (self.zero is not None):
             sys.exit(f"error: {path} was written {'with' if 'zero_checkpoint' in state else 'without'} --deepspeed; "
                      f"resume it the same way")
-        if self.zero is not None:
+        if self.zero is not None and moved:
+            self.zero.load_on_another_process_count(self.zero_dir, state["zero_checkpoint"])
+        elif self.zero is not None:
             self.zero.load(self.zero_dir, state["zero_checkpoint"])
         else:
             unwrap(self.model).load_state_dict(state["model"], strict=True)
