@@ -14,7 +14,9 @@ backward, clipping, AdamW) on the same documents, in its own process so peak mem
 
 Only tokens that carry loss count: padding is work, not progress. MFU = achieved FLOP/s over the
 peak matmul FLOP/s measured on this machine in the same dtype; model FLOPs per token are
-6 x parameters + 12 x layers x hidden x context (attention scores), the usual estimate.
+6 x parameters + 12 x layers x hidden x context (attention scores), the usual estimate. The fraction
+of the limit divides the same FLOP/s by what the model's own GEMM shapes reach at a step's tokens in
+that dtype (`common.model_gemm_peak_flops`): the tokens/s a step made only of its matmuls would run at.
 The last line of output is one JSON object.
 """
 
@@ -30,7 +32,8 @@ import time
 
 import torch
 
-from scripts.common import DEMO, accelerator_name, cpu_name, peak_matmul_flops, training_flops_per_token
+from scripts.common import (DEMO, accelerator_name, cpu_name, model_gemm_peak_flops, peak_matmul_flops,
+                            training_flops_per_token)
 
 VARIANTS = ["padded-fp32", "packed-fp32", "packed-bf16", "packed-fp32-compiled", "packed-bf16-compiled"]
 
@@ -83,6 +86,8 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
         seconds = sum(times)
         tokens_per_s = tokens / seconds
         peak = peak_matmul_flops(runtime.dtype, runtime.device)
+        # the roof for this model: its own GEMM shapes at a step's tokens (the head runs on loss-bearing rows only)
+        limit = model_gemm_peak_flops(engine.unwrap(model), args.batch_size * args.max_seq_len, runtime.dtype, runtime.device)
         memory = (torch.cuda.max_memory_allocated() if runtime.device.type == "cuda"
                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         return {"variant": variant, "tokens_per_s": round(tokens_per_s, 1), "ms_per_step": round(1000 * seconds / len(times), 1),
@@ -90,6 +95,8 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
                 "warmup_overhead_s": round(warmup_s - args.warmup * seconds / len(times), 1),
                 "loss_bearing_fraction": round(tokens / rows_tokens, 3), "peak_memory_mb": round(memory / 2 ** 20, 1),
                 "mfu": round(tokens_per_s * flops_per_token / peak, 4), "peak_matmul_gflops": round(peak / 1e9, 1),
+                "limit_tokens_per_s": round(limit / flops_per_token, 1), "fraction_of_limit": round(tokens_per_s * flops_per_token / limit, 4),
+                "model_gemm_gflops": round(limit / 1e9, 1),
                 "parameters": n_params, "dtype": str(runtime.dtype).removeprefix("torch.")}
 
 
@@ -124,6 +131,7 @@ def main() -> None:
         results.append(result)
         print(f"{variant:24s} {result['tokens_per_s']:>9.0f} tok/s {result['ms_per_step']:>9.0f} ms/step "
               f"{result['peak_memory_mb']:>8.0f} MB  MFU {100 * result['mfu']:5.1f}%  "
+              f"{100 * result['fraction_of_limit']:5.1f}% of the limit ({result['limit_tokens_per_s']:.0f} tok/s)  "
               f"(loss-bearing {100 * result['loss_bearing_fraction']:.0f}% of row tokens)", flush=True)
     baseline = next((r for r in results if r["variant"] == "padded-fp32"), None)
     best = max(results, key=lambda r: r["tokens_per_s"])

@@ -166,6 +166,43 @@ def peak_matmul_flops(dtype: torch.dtype, device: torch.device) -> float:
     return 2 * 2048 ** 3 / best
 
 
+def model_gemm_peak_flops(model: torch.nn.Module, rows: int, dtype: torch.dtype, device: torch.device,
+                          repeats: int = 3) -> float:
+    """FLOP/s of this model's own matrix multiplications at `rows` tokens, in `dtype`: the roof a training
+    step can reach on this machine. A square 2048 matmul flatters a small model, whose GEMMs are thin
+    (hidden 128 against 6400 vocabulary rows) and run well below the machine's best shape.
+
+    Each distinct `nn.Linear` shape is timed as training runs it: the forward (rows x in) @ (in x out),
+    the input gradient (rows x out) @ (out x in) and the weight gradient (out x rows) @ (rows x in), best
+    of `repeats`. The peak is the sum of the FLOPs of every layer's three GEMMs over the sum of their
+    times, so a shape that occurs in every layer weighs as often as it occurs."""
+    shapes: dict[tuple[int, int], int] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            shape = (module.in_features, module.out_features)
+            shapes[shape] = shapes.get(shape, 0) + 1
+
+    def best_seconds(a: torch.Tensor, b: torch.Tensor) -> float:
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first call warms the kernel and allocator up
+            start = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    flops = seconds = 0.0
+    for (fan_in, fan_out), count in shapes.items():
+        x = torch.randn(rows, fan_in, device=device, dtype=dtype)
+        weight = torch.randn(fan_in, fan_out, device=device, dtype=dtype)
+        grad = torch.randn(rows, fan_out, device=device, dtype=dtype)
+        step = best_seconds(x, weight) + best_seconds(grad, weight.T) + best_seconds(grad.T, x)
+        flops += count * 3 * 2 * rows * fan_in * fan_out
+        seconds += count * step
+    return flops / seconds
+
+
 def training_flops_per_token(parameters: int, num_hidden_layers: int, hidden_size: int, seq_len: int) -> float:
     """Forward + backward FLOPs per trained token: 6 per weight, plus attention's scores and mixing
     (12 * layers * hidden * sequence length), as the PaLM paper counts them for MFU."""

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -72,3 +74,6 @@ def test_bench_train_prints_json_last(tmp_path):
     assert packed["loss_bearing_fraction"] > padded["loss_bearing_fraction"]
     for result in summary["results"]:
         assert result["tokens_per_s"] > 0 and result["ms_per_step"] > 0 and 0 < result["mfu"] < 1
+        # a step is its matmuls and more: it cannot run faster than its GEMMs alone (timing noise aside)
+        assert 0 < result["fraction_of_limit"] < 1.3
+        assert result["limit_tokens_per_s"] == pytest.approx(result["tokens_per_s"] / result["fraction_of_limit"], rel=0.01)
