@@ -80,6 +80,27 @@ def test_zero2_sft_and_dpo_log_the_ddp_losses(small_data, tmp_path, script, data
     assert_same_losses(losses(metrics_of(tmp_path / "zero2", stem)), expected, tolerance=1e-4)
 
 
+@pytest.mark.parametrize("script, stem, extra", [("train_grpo.py", "grpo_64", ["--num_generations", "3"]),
+                                                 ("train_ppo.py", "ppo_actor_64", ["--ppo_epochs", "2"])])
+def test_zero2_rl_stages_log_the_ddp_losses(small_data, tmp_path, script, stem, extra):
+    """RL under ZeRO-2: each process samples its rollouts from the same weights as under DDP (PPO's
+    critic and GRPO's frozen reference ride along), so the losses are DDP's."""
+    flags = ["--from_weight", "none", "--max_steps", "4", "--max_gen_len", "6", "--learning_rate", "1e-3", *extra]
+    torchrun(script, tiny_flags(tmp_path / "ddp", small_data["rlaif"], *flags))
+    torchrun(script, tiny_flags(tmp_path / "zero2", small_data["rlaif"], *flags, *zero(2)))
+    expected = losses(metrics_of(tmp_path / "ddp", stem))
+    assert len(expected) == 4 and any(abs(loss) > 1e-6 for loss in expected.values())
+    assert_same_losses(losses(metrics_of(tmp_path / "zero2", stem)), expected, tolerance=1e-4)
+
+
+def test_rl_refuses_zero3_with_the_reason(small_data, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "trainer" / "train_grpo.py"),
+                             *tiny_flags(tmp_path, small_data["rlaif"], "--from_weight", "none", "--max_steps", "1",
+                                         *zero(3))], capture_output=True, text=True, timeout=300, cwd="/")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "ZeRO-3" in result.stderr and "ds_config_zero2.json" in result.stderr
+
+
 def kill_torchrun_then_resume(flags: list[str], metrics: Path, kill_after_step: int) -> dict[int, float]:
     """Start two processes with `flags` (holding `--from_resume 1`), `kill -9` the launcher and both
     workers at once once `kill_after_step` steps are logged, then run again to the end."""

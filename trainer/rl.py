@@ -148,6 +148,10 @@ def train(args: argparse.Namespace, setup: Setup, trainer: engine.Trainer, algor
        against (the reference's log-probs, the sampling policy's);
     4. update: `--ppo_epochs` optimizer steps on those rollouts (each step logs);
     5. save every `--save_interval` steps, between windows, so a resume never needs a lost rollout."""
+    if trainer.zero is not None and trainer.zero.stage == 3:
+        raise SystemExit("error: --deepspeed: ZeRO-3 shards every weight, so each forward needs all processes, but each "
+                         "process samples its own rollouts (a different number of forwards); use "
+                         "trainer/ds_config_zero1.json or ds_config_zero2.json for RL")
     if not trainer.start(setup.batches, updates_per_window=args.ppo_epochs):
         return
     for window in trainer.windows(setup.batches):

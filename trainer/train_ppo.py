@@ -43,7 +43,7 @@ def ppo_loss(model: torch.nn.Module, batch: dict, args: argparse.Namespace) -> e
     mask = batch["response_mask"]
     policy_loss, clipped = rl.clipped_surrogate(log_probs, batch["old_log_probs"], batch["advantages"],
                                                 args.epsilon, args.epsilon_high)
-    values, old_values, returns = out.values[:, :-1].float(), batch["old_values"], batch["returns"]
+    values, old_values, returns = out.state_values[:, :-1].float(), batch["old_values"], batch["returns"]
     clipped_values = old_values + (values - old_values).clamp(-args.value_epsilon, args.value_epsilon)
     value_loss = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
     per_token = policy_loss + args.vf_coef * value_loss
@@ -100,7 +100,7 @@ class PPO(rl.Algorithm):
             with setup.runtime.autocast():
                 old = rl.forward(self.actor_critic, batch)
             batch["old_log_probs"] = rl.response_log_probs(old.logits, batch, args.temperature)
-            batch["old_values"] = old.values[:, :-1].float() * mask
+            batch["old_values"] = old.state_values[:, :-1].float() * mask
             token_rewards = kl_shaped_rewards(rewards, batch["old_log_probs"], batch["ref_log_probs"], mask, args.kl_coef)
             advantages, batch["returns"] = gae(token_rewards, batch["old_values"], mask, args.gamma, args.lam)
             batch["advantages"] = rl.masked_whiten(advantages, mask)
@@ -137,8 +137,9 @@ class Critic(nn.Module):
 
 @dataclass
 class ActorCriticOutput(ModelOutput):
+    """A ModelOutput is a dict: a field named `values` would hide `dict.values()`, which DeepSpeed walks."""
     logits: torch.Tensor | None = None
-    values: torch.Tensor | None = None
+    state_values: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
 
 
@@ -156,7 +157,7 @@ class ActorCritic(nn.Module):
         actor = self.actor(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            logits_to_keep=logits_to_keep)
         values, critic_aux_loss = self.critic(input_ids, attention_mask, position_ids, logits_to_keep)
-        return ActorCriticOutput(logits=actor.logits, values=values, aux_loss=actor.aux_loss + critic_aux_loss)
+        return ActorCriticOutput(logits=actor.logits, state_values=values, aux_loss=actor.aux_loss + critic_aux_loss)
 
 
 def actor_and_critic_saver(args: argparse.Namespace):
