@@ -97,8 +97,11 @@ def main() -> None:
     parser.add_argument("--num_hidden_layers", type=int, default=4)
     parser.add_argument("--max_seq_len", type=int, default=256)
     parser.add_argument("--pretrain_epochs", type=int, default=1)
-    parser.add_argument("--sft_epochs", type=int, default=3)
-    parser.add_argument("--eval_interval", type=int, default=50, help="optimizer steps between validations")
+    parser.add_argument("--sft_epochs", type=int, default=8,
+                        help="passes over the SFT conversations; the one-digit tasks are learnt between the fifth and the eighth")
+    parser.add_argument("--sft_batch_size", type=int, default=16)
+    parser.add_argument("--sft_learning_rate", type=float, default=3e-3)
+    parser.add_argument("--eval_interval", type=int, default=100, help="optimizer steps between validations")
     parser.add_argument("--skip_test", action="store_true",
                         help="stop after scoring the validation questions (carved from the SFT data), for choosing a "
                              "recipe: dataset/demo/eval.jsonl is scored once, for the final model")
@@ -146,8 +149,9 @@ def main() -> None:
     before = None if args.skip_test else evaluate("pretrain")
 
     # 3. SFT: the same loss on assistant replies only, starting from the pretrained weights.
-    run([python, "trainer/train_full_sft.py", *common, *cap, "--from_weight", "pretrain", "--batch_size", "16",
-         "--epochs", str(args.sft_epochs), "--learning_rate", "1e-3", "--warmup_steps", "20",
+    run([python, "trainer/train_full_sft.py", *common, *cap, "--from_weight", "pretrain",
+         "--batch_size", str(args.sft_batch_size), "--epochs", str(args.sft_epochs),
+         "--learning_rate", str(args.sft_learning_rate), "--warmup_steps", "20",
          "--data_path", str(sft_data), "--eval_data", str(sft_val)])
     validation = evaluate("full_sft", validation_questions(sft_val, out / "data" / "sft_val_questions.jsonl"),
                           "validation_exact_match")

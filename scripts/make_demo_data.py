@@ -53,6 +53,8 @@ N_PRETRAIN_TASK_DOCS = 1500
 REVIEW_MAX_CHARS = 600  # longer reviews are dropped rather than cut mid-sentence
 DOC_TARGET_CHARS = 400  # pretraining documents pack short texts up to about this length
 MAX_DIALOG_TURNS = 10  # longer chatterbot dialogs become several SFT conversations
+SFT_DIALOG_STRIDE = 3  # one chatterbot dialog piece in three goes into sft.jsonl: chit-chat was two thirds of
+# the assistant tokens, and the demo's SFT epochs buy more on the task conversations (README, "Choosing the recipe")
 LONG_TEXT_CHAPTERS = 10  # about 48k characters, 55k tokens: six 8192-token windows
 BENCHMARK_DEV, BENCHMARK_EVAL = 5, 60  # questions per subject: the few-shot examples, the scored ones
 
@@ -615,11 +617,13 @@ def make_sft(rng: random.Random, problems: TrainingProblems, dialogs: list[list[
                               assistant(problem.answer, reasoning_content=problem.reasoning)])
     for _ in range(N_SFT_TOOLS):
         conversations.append(tool_conversation(rng, problems))
+    pieces = []
     for utterances in dialogs:
         for start in range(0, len(utterances) - 1, MAX_DIALOG_TURNS):  # long dialogs in pieces, to fit 512 tokens
             piece = utterances[start:start + MAX_DIALOG_TURNS]
             piece = piece[:len(piece) // 2 * 2]
-            conversations.append([(user if i % 2 == 0 else assistant)(text) for i, text in enumerate(piece)])
+            pieces.append([(user if i % 2 == 0 else assistant)(text) for i, text in enumerate(piece)])
+    conversations += pieces[::SFT_DIALOG_STRIDE]
     rng.shuffle(conversations)
     return [{"conversations": turns} for turns in conversations]
 

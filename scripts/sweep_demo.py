@@ -23,12 +23,14 @@ import sys
 from scripts.common import REPO, add_device_args, binomial_interval, cpu_name, last_json, output_dir, run
 
 # name -> demo_pipeline.py flags (4 layers and sequences of 256 tokens, pretraining 1 epoch, unless a recipe
-# says otherwise); what was tried, in the order it was tried. "small" became demo_pipeline.py's default.
+# says otherwise); what was tried, in the order it was tried. "long_sft" is demo_pipeline.py's default.
+OLD_SFT = ["--sft_batch_size", "16", "--sft_learning_rate", "1e-3"]  # the SFT settings of the first recipes
 RECIPES = {
-    "base": ["--hidden_size", "256", "--sft_epochs", "2"],
-    "one_sft_epoch": ["--hidden_size", "256", "--sft_epochs", "1"],
-    "small": ["--hidden_size", "128", "--sft_epochs", "3"],
-    "mid": ["--hidden_size", "192", "--sft_epochs", "2"],
+    "base": ["--hidden_size", "256", "--sft_epochs", "2", *OLD_SFT],
+    "one_sft_epoch": ["--hidden_size", "256", "--sft_epochs", "1", *OLD_SFT],
+    "small": ["--hidden_size", "128", "--sft_epochs", "3", *OLD_SFT],
+    "mid": ["--hidden_size", "192", "--sft_epochs", "2", *OLD_SFT],
+    "long_sft": ["--hidden_size", "128", "--sft_epochs", "8", "--sft_batch_size", "16", "--sft_learning_rate", "3e-3"],
 }
 
 

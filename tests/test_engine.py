@@ -254,6 +254,26 @@ def test_validation_reports_nats_per_token_and_bits_per_byte(tmp_path):
     assert figures["val_bpb"] == pytest.approx(nll_text / (math.log(2) * text_bytes), rel=1e-6)
 
 
+def test_validation_of_a_model_compiled_in_place_runs_eager(tmp_path):
+    """`--use_compile` compiles the model in place mid-run; validation batches change shape every batch,
+    so they must not go through the compiled forward (each would be a recompilation): no graph is
+    compiled during validation, and the figures are the eager model's."""
+    from torch._dynamo.utils import counters
+
+    texts = ["短的。", "A longer held-out line, padded to another length.", "第三行，又是另一个长度的文本。"]
+    path = tmp_path / "held_out.jsonl"
+    path.write_text("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts), encoding="utf-8")
+    validation = engine.Validation(path, loader.load_tokenizer("model"), 128, 1,
+                                   engine.Runtime(torch.device("cpu"), torch.float32))
+    model = tiny_model(3)
+    expected = validation(model)
+    model.compile()
+    torch._dynamo.reset()
+    counters.clear()
+    assert validation(model) == pytest.approx(expected, rel=1e-9)
+    assert not counters["stats"]["unique_graphs"], "validation went through the compiled forward"
+
+
 def test_weight_decay_reaches_matrices_only(tmp_path):
     """`--weight_decay` decays the attention and MLP matrices; norms and the (tied) embedding are not."""
     model = tiny_model()

@@ -317,6 +317,15 @@ COMPILE_PROBE_STEPS = 4
 COMPILE_COST = {"cpu": (43.0, 1.11), "cuda": (60.0, 1.49)}
 
 
+def eager(model: torch.nn.Module) -> Callable[..., Any]:
+    """The model's uncompiled call when `--use_compile` compiled it in place (`nn.Module.compile`), else the
+    model itself. Validation batches are padded to their longest row, a new shape almost every batch, and
+    in eval mode: a compiled forward would recompile for them, which cost the demo's SFT half a minute per
+    validation."""
+    module = unwrap(model)
+    return module._call_impl if getattr(module, "_compiled_call_impl", None) is not None else model
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     wrappers = (DistributedDataParallel,) + ((sys.modules["deepspeed"].DeepSpeedEngine,) if "deepspeed" in sys.modules else ())
     model = model.module if isinstance(model, wrappers) else model
@@ -452,7 +461,7 @@ class Validation:
             batch = pad_rows(items, max(len(item["input_ids"]) for item in items), self.dataset.pad_token_id)
             batch = {key: value.to(device) for key, value in batch.items()}
             with self.runtime.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = eager(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             nll = next_token_nll(logits, batch["labels"]).double()
             targets = batch["labels"][:, 1:]
             scored = targets != -100
