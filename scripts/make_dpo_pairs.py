@@ -1,7 +1,7 @@
 """On-policy preference pairs: the model's own wrong answers as `rejected`, the reference as `chosen`.
 
-    python scripts/make_dpo_pairs.py --load_from out/demo/full_sft_256.pth --out out/demo/dpo_on_policy.jsonl
-    python trainer/train_dpo.py --data_path out/demo/dpo_on_policy.jsonl --from_weight out/demo/full_sft_256.pth
+    python scripts/make_dpo_pairs.py --load_from out/demo/full_sft_128.pth --out out/demo/dpo_on_policy.jsonl
+    python trainer/train_dpo.py --data_path out/demo/dpo_on_policy.jsonl --from_weight out/demo/full_sft_128.pth
 
 The shipped `dataset/demo/dpo.jsonl` rejects fixed near misses (the answer plus or minus one or ten) that the
 model may never say; DPO then pushes down replies it was not going to give. Here the model answers the RL

@@ -1,7 +1,7 @@
 """Does query–utterance pairing help a small model answer multi-turn questions? Measured on the demo data.
 
     python scripts/measure_history.py                                   # pretrains a small model first (256 hidden, 4 layers)
-    python scripts/measure_history.py --pretrained out/demo/pretrain_256.pth
+    python scripts/measure_history.py --pretrained out/demo/pretrain_128.pth
     python scripts/measure_history.py --quick                           # tiny models, a few steps: checks the plumbing
 
 The claim: pairing the current query with the one or few earlier *user* utterances most relevant to

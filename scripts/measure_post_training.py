@@ -1,6 +1,6 @@
 """Do DPO, distillation and reasoning training do what they claim? Measured on the demo data from an SFT model.
 
-    python scripts/measure_post_training.py --sft_weight out/demo/full_sft_256.pth
+    python scripts/measure_post_training.py --sft_weight out/demo/full_sft_128.pth
     python scripts/measure_post_training.py            # first trains an SFT model from scratch (128 hidden, 4 layers)
     python scripts/measure_post_training.py --quick    # tiny models, a few steps: checks the plumbing
 
