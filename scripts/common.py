@@ -152,18 +152,23 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
+def best_matmul_seconds(a: torch.Tensor, b: torch.Tensor, calls: int) -> float:
+    """The fastest of `calls` timed `a @ b` (the first warms the kernel and allocator up)."""
+    best = float("inf")
+    for _ in range(calls):
+        start = time.perf_counter()
+        a @ b
+        if a.device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def peak_matmul_flops(dtype: torch.dtype, device: torch.device) -> float:
     """Best FLOP/s of a large square matmul: the roof MFU is measured against."""
     a = torch.randn(2048, 2048, device=device, dtype=dtype)
     b = torch.randn(2048, 2048, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(6):
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2048 ** 3 / best
+    return 2 * 2048 ** 3 / best_matmul_seconds(a, b, 6)
 
 
 def model_gemm_peak_flops(model: torch.nn.Module, rows: int, dtype: torch.dtype, device: torch.device,
@@ -176,21 +181,11 @@ def model_gemm_peak_flops(model: torch.nn.Module, rows: int, dtype: torch.dtype,
     the input gradient (rows x out) @ (out x in) and the weight gradient (out x rows) @ (rows x in), best
     of `repeats`. The peak is the sum of the FLOPs of every layer's three GEMMs over the sum of their
     times, so a shape that occurs in every layer weighs as often as it occurs."""
-    shapes: dict[tuple[int, int], int] = {}
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            shape = (module.in_features, module.out_features)
-            shapes[shape] = shapes.get(shape, 0) + 1
+    shapes = Counter((module.in_features, module.out_features) for module in model.modules()
+                     if isinstance(module, torch.nn.Linear))
 
     def best_seconds(a: torch.Tensor, b: torch.Tensor) -> float:
-        best = float("inf")
-        for _ in range(repeats + 1):  # the first call warms the kernel and allocator up
-            start = time.perf_counter()
-            a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        return best
+        return best_matmul_seconds(a, b, repeats + 1)
 
     flops = seconds = 0.0
     for (fan_in, fan_out), count in shapes.items():
