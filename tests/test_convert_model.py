@@ -138,6 +138,9 @@ def test_chat_as_in_transformers_docs(tmp_path, layout, target):
                                                                                    tokenize=False)
     generation = model.generation_config
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 0)
+    # vLLM stops a chat at generation_config.json's eos: it must be <|im_end|>, the end of an assistant turn
+    written = json.loads((directory / "generation_config.json").read_text(encoding="utf-8"))
+    assert written["eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     inputs = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     outputs = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert outputs.shape[1] > inputs["input_ids"].shape[1]

