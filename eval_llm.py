@@ -29,7 +29,7 @@ from tqdm import tqdm
 from dataset.lm_dataset import JsonlFile, check_prompt, check_text, dataset_for_file, pad_rows
 from dataset.tasks import is_correct
 from model.chat_format import PromptTooLong, count_tokens, fit_history, render_prompt, start_messages, typed_questions
-from model.cli import add_history_args
+from model.cli import add_history_args, add_sampling_args, add_thinking_switch
 from model.loader import (add_model_args, add_switch, chat_stream, context_length, describe, describe_training,
                           generate_batch, load_from_args)
 from model.model_minimind import next_token_nll
@@ -61,13 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "question alone. Older ones are dropped first, also when the prompt would not fit the context")
     add_history_args(chat, full="past exchanges as --historys says (an --eval_file record: all of its history)",
                      none="the system prompt and the question alone")
-    chat.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens (default: 512)")
-    chat.add_argument("--temperature", type=float, default=0.85, help="0 = greedy (default: 0.85)")
-    chat.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling threshold (default: 0.85)")
+    add_sampling_args(chat)
     chat.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens; 0 = no cut (default: 0)")
     chat.add_argument("--repetition_penalty", type=float, default=1.0, help="(default: 1.0 = none)")
-    add_switch(chat, "--open_thinking", "--enable_thinking", default=None,
-               help="1 = ask for a <think> block, 0 = an empty one (default: the chat template's own choice)")
+    add_thinking_switch(chat)
     chat.add_argument("--seed", type=int, default=None, help="makes sampled answers repeatable")
     add_switch(chat, "--show_speed", help="1 = print tokens/s after each answer")
 

@@ -16,6 +16,25 @@ def add_switch(group: argparse._ActionsContainer, *names: str, default: int | No
     group.add_argument(*names, nargs="?", const=1, type=int, choices=[0, 1], default=default, help=help)
 
 
+def add_sampling_args(group: argparse._ActionsContainer, *, max_new_tokens: int = 512, temperature: float = 0.85,
+                      top_p: float = 0.85) -> None:
+    """How an answer is sampled, spelled the same way by every program that answers (eval_llm, the web
+    demo, the server's request defaults, the API client): `--max_new_tokens` (MiniMind's name; the
+    OpenAI API's `--max_tokens` is accepted for it), `--temperature`, `--top_p`."""
+    group.add_argument("--max_new_tokens", "--max_tokens", type=int, default=max_new_tokens,
+                       help=f"longest answer, in tokens (--max_tokens: the OpenAI API's name) (default: {max_new_tokens})")
+    group.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default: {temperature})")
+    group.add_argument("--top_p", type=float, default=top_p, help=f"nucleus sampling threshold (default: {top_p})")
+
+
+def add_thinking_switch(group: argparse._ActionsContainer, *, default: int | None = None, help_default: str = "") -> None:
+    """`--open_thinking` (MiniMind's name; `--enable_thinking`, the chat template's, is accepted for it):
+    the template's `enable_thinking`. None leaves the template's own choice."""
+    add_switch(group, "--open_thinking", "--enable_thinking", default=default,
+               help="1 = ask for a <think> block, 0 = the prompt ends with an empty one "
+                    f"(default: {help_default or 'the chat template decides'})")
+
+
 QUERY_UTTERANCE_HELP = ("query_utterance = only the --history_utterances earlier user utterances most relevant to the "
                         "question (BM25 over words and Chinese characters and character pairs; ties go to the more "
                         "recent), in their order, one per line before the question in its user message; "

@@ -83,6 +83,15 @@ def cpu_bf16_is_faster() -> bool:
     return best_of(a16, b16) * 1.25 < best_of(a32, b32)
 
 
+def add_device_args(group: argparse._ActionsContainer) -> None:
+    """`--device` and `--dtype`, declared once for the trainers and the chat programs (`resolve_device`,
+    `resolve_dtype`)."""
+    group.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto = bf16 on CUDA (fp16 on a card without it), fp16 on MPS, bf16 on a CPU where it "
+                            "measures faster than fp32, else fp32")
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The one dtype policy, for training and inference alike. `auto`: bf16 on CUDA (fp16 where the
     card has no bf16; training then scales the loss), fp16 on MPS (the same loss scaling), and on CPU
@@ -326,9 +335,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                                      "under --load_from model)")
     add_switch(group, "--inference_rope_scaling", help="1 = YaRN: 16x longer context than trained (MiniMind models)")
     group.add_argument("--tokenizer_path", default=None, help="HF tokenizer directory (default: the model directory's own, else <repo>/model)")
-    group.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="auto = bf16 on CUDA, fp16 on MPS, fp32 on CPU")
+    add_device_args(group)
     group.add_argument("--quantize", default="none", choices=["none", "int8"],
                        help="int8 = weight-only int8 linear layers on the CPU: a quarter of fp32's bytes per token")
     group.add_argument("--system_prompt", default=None, help="persona as a system message (default: the chat template's own)")

@@ -473,17 +473,24 @@ class MiniMindModel(MiniMindPreTrainedModel):
 # 7. Causal language model: next-token logits, loss, and generation
 # ---------------------------------------------------------------------------------------------
 
-def next_token_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "none",
+                   kept: torch.Tensor | None = None) -> torch.Tensor:
     """The cross-entropy of every trainer, evaluation and this model's `loss`, written once.
 
     Position t predicts token t + 1, so the logits lose their last position and the labels (aligned
     with `input_ids`, -100 = no loss) their first. reduction "none": -log p(labels[:, t] | tokens < t)
     for t >= 1, shape (B, T - 1), 0 where unlabelled; "sum": their total; "mean": per labelled token.
+    `kept`: the (B, T) mask the logits were kept for (`forward`'s boolean `logits_to_keep`), when
+    `logits` are those positions' rows only, (kept, vocab); each is scored on the token after it
+    (none after the last position), and "none" gives one value per row.
     Computed in fp32 whatever the logits' dtype, without materialising the whole log-softmax."""
     targets = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                          reduction=reduction)
-    return nll.view_as(targets) if reduction == "none" else nll
+    if kept is None:
+        scores, scored_targets = logits[:, :-1].flatten(0, 1), targets.flatten()
+    else:
+        scores, scored_targets = logits, F.pad(targets, (0, 1), value=-100)[kept]
+    nll = F.cross_entropy(scores.float(), scored_targets, ignore_index=-100, reduction=reduction)
+    return nll.view_as(targets) if reduction == "none" and kept is None else nll
 
 
 class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):

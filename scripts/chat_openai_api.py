@@ -17,7 +17,7 @@ import sys
 from openai import OpenAI, OpenAIError
 
 from model.chat_format import fit_history, start_messages, typed_questions
-from model.cli import add_switch
+from model.cli import add_sampling_args, add_switch, add_thinking_switch
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -31,11 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--system_prompt", default=None, help="persona as a system message")
     parser.add_argument("--historys", type=int, default=8,
                         help="past exchanges (question + answer) sent with each question; 0 = none (default: 8)")
-    parser.add_argument("--max_tokens", type=int, default=512, help="longest answer, in tokens (default: 512)")
-    parser.add_argument("--temperature", type=float, default=0.85, help="0 = greedy (default: 0.85)")
-    parser.add_argument("--top_p", type=float, default=0.85, help="(default: 0.85)")
-    add_switch(parser, "--open_thinking", "--enable_thinking", default=None,
-               help="1 = ask for a <think> block, 0 = none (default: the model's chat template decides)")
+    add_sampling_args(parser)
+    add_thinking_switch(parser)
     add_switch(parser, "--stream", default=1, help="1 = print the answer as it is written")
     return parser.parse_args(argv)
 
@@ -64,7 +61,7 @@ class Printer:
 def ask(client: OpenAI, args: argparse.Namespace, model: str, messages: list[dict]) -> dict:
     """Send the conversation, print the answer as it arrives, and return it as an assistant message."""
     extra = {"chat_template_kwargs": {"enable_thinking": bool(args.open_thinking)}} if args.open_thinking is not None else None
-    request = dict(model=model, messages=messages, max_tokens=args.max_tokens, temperature=args.temperature,
+    request = dict(model=model, messages=messages, max_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, extra_body=extra)
     printer, content, tool_calls = Printer(), [], []
     if args.stream:

@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException
 
 from model.chat_format import (DEFAULT_HISTORY_UTTERANCES, HISTORY_MODES, THINK_OPEN, Event, PromptTooLong, ReplyParser,
                                fit_history, render_prompt)
-from model.cli import add_history_args
+from model.cli import add_history_args, add_sampling_args
 from model.generate import Decoder, Sequence
 from model.loader import add_model_args, chat_sequence, context_length, describe, load_from_args
 
@@ -590,9 +590,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tokens per request, prompt + reply (at most the model's context); with "
                              "--max_batch_size it bounds the KV cache (default: 4096)")
     defaults = parser.add_argument_group("defaults for requests that leave these out")
-    defaults.add_argument("--max_tokens", type=int, default=Defaults.max_tokens, help=f"(default: {Defaults.max_tokens})")
-    defaults.add_argument("--temperature", type=float, default=Defaults.temperature, help=f"0 = greedy (default: {Defaults.temperature})")
-    defaults.add_argument("--top_p", type=float, default=Defaults.top_p, help=f"(default: {Defaults.top_p})")
+    add_sampling_args(defaults, max_new_tokens=Defaults.max_tokens, temperature=Defaults.temperature, top_p=Defaults.top_p)
     add_history_args(defaults, full="every past turn that fits the context", none="the system prompt and the last turn",
                      default=Defaults.history_mode)
     args = parser.parse_args(argv)
@@ -610,7 +608,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {error}")
     log.info("loaded %s", describe(model))
     service = ChatService(model, tokenizer, args.served_model_name or served_name(model),
-                          Defaults(args.max_tokens, args.temperature, args.top_p, args.system_prompt, args.history_mode,
+                          Defaults(args.max_new_tokens, args.temperature, args.top_p, args.system_prompt, args.history_mode,
                                    args.history_utterances),
                           args.max_batch_size, args.max_queue, args.max_model_len)
     cache = service.scheduler.decoder.cache

@@ -26,8 +26,8 @@ import streamlit as st
 from streamlit import runtime
 
 from model.chat_format import HISTORY_MODES, PromptTooLong, fit_history, split_reasoning, split_turns, start_messages
-from model.cli import add_history_args
-from model.loader import (DEFAULT_SAVE_DIR, NATIVE, add_model_args, add_switch, chat_stream, context_length, describe,
+from model.cli import add_history_args, add_sampling_args, add_thinking_switch
+from model.loader import (DEFAULT_SAVE_DIR, NATIVE, add_model_args, chat_stream, context_length, describe,
                           load_model_and_tokenizer, resolve_path, size_config, weight_file_name)
 
 DEFAULT_API_BASE = "http://127.0.0.1:8998/v1"  # scripts/serve_openai_api.py's default address
@@ -45,10 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     chat = parser.add_argument_group("starting values of the sidebar")
     chat.add_argument("--historys", type=int, default=4, help="with --history_mode full: past exchanges kept in the prompt (default: 4)")
     add_history_args(chat, full="past exchanges as --historys says", none="the system prompt and the question alone")
-    chat.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens (default: 512)")
-    chat.add_argument("--temperature", type=float, default=0.85, help="0 = greedy (default: 0.85)")
-    chat.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling threshold (default: 0.85)")
-    add_switch(chat, "--open_thinking", "--enable_thinking", help="1 = let the model think first (default: 0)")
+    add_sampling_args(chat)
+    add_thinking_switch(chat, default=0, help_default="0")
     return parser.parse_args(argv)
 
 

@@ -282,3 +282,21 @@ def test_typed_questions_skip_blank_lines_and_end_at_end_of_input(monkeypatch):
 
     monkeypatch.setattr("builtins.input", typed)
     assert list(typed_questions()) == ["first", "second"]
+
+
+# --- the flags of every program that answers ------------------------------------------------------
+
+def test_every_program_that_answers_spells_its_sampling_flags_alike():
+    """eval_llm, the web demo, the server and the API client take one setting for the answer's length,
+    `--max_new_tokens` (MiniMind's name) or `--max_tokens` (the OpenAI API's), and the thinking switch
+    as `--open_thinking` (MiniMind's) or `--enable_thinking` (the chat template's)."""
+    import eval_llm
+    from scripts import chat_openai_api, serve_openai_api, web_demo
+
+    for module in (eval_llm, web_demo, chat_openai_api, serve_openai_api):
+        for spelling in ("--max_new_tokens", "--max_tokens"):
+            args = module.parse_args([spelling, "7", "--temperature", "0.5", "--top_p", "0.9"])
+            assert (args.max_new_tokens, args.temperature, args.top_p) == (7, 0.5, 0.9), module.__name__
+    for module in (eval_llm, web_demo, chat_openai_api):
+        for spelling in ("--open_thinking", "--enable_thinking"):
+            assert module.parse_args([spelling, "0"]).open_thinking == 0, module.__name__

@@ -3,6 +3,8 @@
 import argparse
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +85,17 @@ def test_loss_from_the_labelled_positions_only_equals_the_full_cross_entropy():
     torch.testing.assert_close(out.loss_sum, reference, rtol=1e-6, atol=1e-5)
     for name, param in model.named_parameters():
         torch.testing.assert_close(selected[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_model_holds_the_one_cross_entropy():
+    """Next-token cross-entropy is written once, `model_minimind.next_token_nll`, which the trainers,
+    validation and evaluation call: no other module of the repo calls torch's cross-entropy itself."""
+    repo = Path(__file__).resolve().parents[1]
+    sources = [repo / "eval_llm.py", *(path for folder in ("model", "dataset", "trainer", "scripts")
+                                       for path in sorted((repo / folder).glob("*.py")))]
+    callers = [str(path.relative_to(repo)) for path in sources
+               if re.search(r"\b(cross_entropy|nll_loss)\(", path.read_text(encoding="utf-8"))]
+    assert callers == ["model/model_minimind.py"]
 
 
 @pytest.mark.parametrize("steps, compiles", [(100, False), (100_000, True)])

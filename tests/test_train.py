@@ -96,16 +96,56 @@ def test_torchrun_resume_after_a_kill_between_the_ranks_saves(small_data, tmp_pa
     assert_ranks_in_sync(tmp_path / "ckpt", "pretrain_64")
 
 
+def wandb_history(run_file: Path) -> list[dict]:
+    """The rows `wandb.log` wrote to an offline run's transaction log (`run-<id>.wandb`): a LevelDB-style
+    log (32 KiB blocks; each record a 7-byte header of checksum, length and kind, split across blocks
+    when long) of wandb's protobuf `Record`s, after a 7-byte ":W&B" file header."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    block, header, position, pending, rows = 32768, 7, 7, b"", []
+    while position + header <= len(data):
+        if block - position % block < header:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + header])
+        pending += data[position + header:position + header + length]
+        position += header + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or ".".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
 def test_use_wandb_logs_offline_and_resumes_the_same_run(small_data, tmp_path, monkeypatch):
+    """Offline wandb: a resumed run continues the same wandb run, and wandb gets what the metrics file
+    gets, validation included (as does the progress bar)."""
     for name in [k for k in os.environ if k.startswith("WANDB_")]:
         monkeypatch.delenv(name)  # no credentials: offline mode
-    flags = tiny_flags(tmp_path, small_data["pretrain"], "--max_steps", "2", "--use_wandb", "--from_resume", "1")
-    run_trainer("train_pretrain.py", flags)
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(small_data["pretrain"].read_text(encoding="utf-8").splitlines(True)[-10:]), encoding="utf-8")
+    flags = tiny_flags(tmp_path, small_data["pretrain"], "--max_steps", "2", "--use_wandb", "--from_resume", "1",
+                       "--eval_data", str(held_out), "--eval_interval", "2")
+    first = run_trainer("train_pretrain.py", flags)
     flags[flags.index("--max_steps") + 1] = "4"
     run_trainer("train_pretrain.py", flags)
     runs = sorted((tmp_path / "out" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]  # one run id, resumed
-    assert all(list(run.glob("*.wandb")) for run in runs)
+    logged = {row["step"]: row for run in runs for row in wandb_history(next(run.glob("*.wandb")))}
+    metrics = {r["step"]: r for r in read_metrics(tmp_path / "out" / "pretrain_64.metrics.jsonl")}
+    assert sorted(logged) == sorted(metrics) == [1, 2, 3, 4]
+    for step in (2, 4):
+        for key in ("loss", "val_loss", "val_bpb"):
+            assert logged[step][key] == pytest.approx(metrics[step][key], rel=1e-12), (step, key)
+    assert "val_loss" not in logged[1] and "val_loss" not in logged[3]
+    assert f"val={metrics[2]['val_loss']:.4f}" in first.stderr  # the progress bar
 
 
 def test_a_malformed_line_stops_the_run_naming_file_and_line_before_any_output(small_data, tmp_path):
@@ -169,9 +209,11 @@ def test_rerunning_with_a_higher_max_steps_continues_from_the_saved_step(small_d
     flags = tiny_flags(tmp_path, small_data["pretrain"], "--from_resume", "1", "--max_steps")
     run_trainer("train_pretrain.py", flags + ["3"])
     metrics = tmp_path / "out" / "pretrain_64.metrics.jsonl"
+    finished = metrics.read_text()
     again = run_trainer("train_pretrain.py", flags + ["3"])
-    assert "the run is complete" in again.stdout + again.stderr and max(losses(metrics)) == 3
-    run_trainer("train_pretrain.py", flags + ["5"])
+    assert "the run is complete" in again.stdout + again.stderr and metrics.read_text() == finished
+    more = run_trainer("train_pretrain.py", flags + ["5"])
+    assert "training on from step 3" in more.stdout + more.stderr
     assert sorted(losses(metrics)) == [1, 2, 3, 4, 5]
 
 

@@ -95,9 +95,7 @@ def stage_parser(description: str, *, save_weight: str, from_weight: str, learni
     optim.add_argument("--seed", type=int, default=42)
 
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    runtime.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                         help="auto = bf16 where the device runs it faster than fp32, else fp16 on CUDA, else fp32")
+    loader.add_device_args(runtime)
     runtime.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
     runtime.add_argument("--use_compile", nargs="?", const="1", default="auto", choices=["auto", "0", "1"],
                          help="1 = torch.compile the model; auto (default) = on packed rows (fixed shape), time the first "
@@ -792,11 +790,12 @@ class Trainer:
 
     # --- the plan of the run ------------------------------------------------------------------
 
-    def start(self, batches: Batches, updates_per_window: int = 1) -> bool:
-        """Plan the LR schedule over every epoch, resume if asked, open the logs. Returns False (and
-        says so) when the resumed run has already trained everything these flags ask for."""
+    def start(self, batches: Batches, steps_per_window: int = 1) -> bool:
+        """Plan the LR schedule over every epoch (`steps_per_window` optimizer steps on each window: RL's
+        `--ppo_epochs`), resume if asked, open the logs. Returns False (and says so) when the resumed run
+        has already trained everything these flags ask for."""
         steps_per_epoch = math.ceil(batches.estimated_batches_per_epoch() / self.args.accumulation_steps)
-        self.total_steps = self.args.epochs * steps_per_epoch * updates_per_window
+        self.total_steps = self.args.epochs * steps_per_epoch * steps_per_window
         self.state_objects["data"] = batches  # its position is part of the resume state
         if not getattr(batches, "pack", False):
             self.compile_decided = True  # padded rows change shape every batch: compiling would recompile, not pay
@@ -1252,17 +1251,17 @@ def train(trainer: Trainer, batches: Batches, loss_fn: Callable[[torch.nn.Module
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict) -> LossOutput:
-    """Summed next-token cross-entropy over labelled tokens: the loss of pretraining and SFT.
+    """Summed next-token cross-entropy over labelled tokens (the model's `next_token_nll`): the loss of
+    pretraining and SFT.
 
     Only the positions that predict a labelled token go through the vocabulary head (`logits_to_keep`
-    as a mask): the same sum as `next_token_nll` over all logits, without the head's matmul and softmax
-    on prompt tokens, which are 85% of the demo SFT data's tokens."""
-    targets = batch["labels"][:, 1:]
-    scored = targets != -100
+    as a mask): the same sum as over all logits, without the head's matmul and softmax on prompt
+    tokens, which are 85% of the demo SFT data's tokens."""
+    scored = batch["labels"][:, 1:] != -100
     predicts = torch.nn.functional.pad(scored, (0, 1))  # position t predicts token t + 1
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 position_ids=batch.get("position_ids"), logits_to_keep=predicts)
-    loss_sum = torch.nn.functional.cross_entropy(out.logits.float(), targets[scored], reduction="sum")
+    loss_sum = next_token_nll(out.logits, batch["labels"], reduction="sum", kept=predicts)
     return LossOutput(loss_sum=loss_sum, count=int(scored.sum()), aux_loss=out.aux_loss)
 
 

@@ -42,7 +42,7 @@ from dataset.lm_dataset import IGNORE_INDEX, PackedBatches, RLAIFDataset
 from dataset.tasks import extract_answer, is_correct
 from model.chat_format import THINK_CLOSE, THINK_OPEN, final_answer, thinking_well_formed
 from model import loader
-from model.cli import add_switch
+from model.cli import add_thinking_switch
 from trainer import engine
 
 
@@ -69,9 +69,7 @@ def add_rl_args(parser: argparse.ArgumentParser, *, ppo_epochs: int) -> None:
                          help="sampling temperature (> 0); log-probs are taken at the same temperature")
     rollout.add_argument("--top_p", type=float, default=1.0,
                          help="nucleus sampling; below 1 the sampled distribution is no longer the one the ratios use")
-    add_switch(rollout, "--open_thinking", "--enable_thinking", default=None,
-                      help="passed to the chat template as enable_thinking: 0 = the prompt ends with an empty "
-                           "<think> block (default: the template's own choice)")
+    add_thinking_switch(rollout)
     update = parser.add_argument_group("policy update")
     update.add_argument("--ppo_epochs", type=int, default=ppo_epochs,
                         help="optimizer steps over each batch of rollouts; above 1 the ratio clip comes into play")
@@ -125,11 +123,11 @@ def setup(args: argparse.Namespace) -> Setup:
 
 class Algorithm:
     """What an RL stage adds to the loop below: how many responses it samples per prompt, the
-    advantages it computes from their scores (with whatever the updates compare against), and its
-    loss. `after_updates` lets a stage look at the policy once the window's updates are done."""
+    advantages it adds to each batch of experience (with whatever its updates compare against), its
+    loss, and (SPO) a look at the policy once the window's updates are done."""
     num_generations = 1
 
-    def experience(self, rollouts: list["Rollout"], scores: list[tuple[torch.Tensor, dict]]) -> list[dict]:
+    def add_advantages(self, experience: list[dict]) -> None:
         raise NotImplementedError
 
     def loss(self, model: torch.nn.Module, batch: dict) -> engine.LossOutput:
@@ -144,21 +142,24 @@ def train(args: argparse.Namespace, setup: Setup, trainer: engine.Trainer, algor
 
     1. rollout: sample responses from the current policy;
     2. score: the reward functions give each response one number;
-    3. experience: the stage turns scores into advantages and fixes what its updates compare
-       against (the reference's log-probs, the sampling policy's);
-    4. update: `--ppo_epochs` optimizer steps on those rollouts (each step logs);
+    3. experience: each scored rollout with the reference's log-probs of its responses, to which the
+       stage adds its advantages and what its updates compare against (the sampling policy's log-probs);
+    4. update: `--ppo_epochs` optimizer steps on those rollouts (each step logs), after which the stage
+       may look at the updated policy (SPO: how far it drifted);
     5. save every `--save_interval` steps, between windows, so a resume never needs a lost rollout."""
     if trainer.zero is not None and trainer.zero.stage == 3:
         raise SystemExit("error: --deepspeed: ZeRO-3 shards every weight, so each forward needs all processes, but each "
                          "process samples its own rollouts (a different number of forwards); use "
                          "trainer/ds_config_zero1.json or ds_config_zero2.json for RL")
-    if not trainer.start(setup.batches, updates_per_window=args.ppo_epochs):
+    if not trainer.start(setup.batches, steps_per_window=args.ppo_epochs):
         return
     for window in trainer.windows(setup.batches):
         rollouts = [sample(setup.policy, setup.tokenizer, prompts, args, setup.runtime, algorithm.num_generations)
                     for prompts in window]
         scores = [setup.rewards(rollout) for rollout in rollouts]
-        experience = algorithm.experience(rollouts, scores)
+        experience = [experience_batch(rollout, score, setup.reference, args, setup.runtime)
+                      for rollout, score in zip(rollouts, scores)]
+        algorithm.add_advantages(experience)
         steps_before = trainer.step
         for _ in range(args.ppo_epochs):
             trainer.train_step(experience, algorithm.loss)
@@ -278,11 +279,12 @@ def rollout_batch(rollout: Rollout) -> dict:
 def experience_batch(rollout: Rollout, scores: tuple[torch.Tensor, dict[str, torch.Tensor]],
                      reference: torch.nn.Module, args: argparse.Namespace, runtime: engine.Runtime) -> dict:
     """What every stage's updates read of one scored rollout: its tokens and masks (`labels` are -100
-    outside the responses), the reference's log-probs of the responses (for the KL term) and the
-    rollout's figures for the log. The stage adds its advantages."""
+    outside the responses), the reference's log-probs of the responses (for the KL term), the
+    responses' rewards and prompts, and the rollout's figures for the log. The stage adds its advantages."""
     rewards, components = scores
     batch = rollout_batch(rollout)
     batch["ref_log_probs"] = frozen_log_probs(reference, batch, args, runtime)
+    batch["rewards"], batch["prompts"] = rewards, rollout.prompts
     batch["rollout_metrics"] = rollout_metrics(rollout, rewards, components)
     return batch
 

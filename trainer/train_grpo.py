@@ -63,18 +63,15 @@ class GRPO(rl.Algorithm):
         self.surrogate = surrogate(args)
 
     @torch.no_grad()
-    def experience(self, rollouts: list[rl.Rollout], scores: list[tuple[torch.Tensor, dict]]) -> list[dict]:
-        """Advantages, the reference's log-probs and (if several updates follow) the sampling policy's."""
-        args, setup, experience = self.args, self.setup, []
-        for rollout, (rewards, components) in zip(rollouts, scores):
-            batch = rl.experience_batch(rollout, (rewards, components), setup.reference, args, setup.runtime)
-            batch["advantages"] = group_advantages(rewards, self.num_generations).to(setup.runtime.device)
+    def add_advantages(self, experience: list[dict]) -> None:
+        """Group-relative advantages and (if several updates follow) the sampling policy's log-probs."""
+        args, setup = self.args, self.setup
+        for batch in experience:
+            batch["advantages"] = group_advantages(batch["rewards"], self.num_generations).to(setup.runtime.device)
             batch["old_log_probs"] = rl.frozen_log_probs(setup.policy, batch, args, setup.runtime) \
                 if args.ppo_epochs > 1 else None
-            uniform = rewards.view(-1, self.num_generations).std(1) == 0
+            uniform = batch["rewards"].view(-1, self.num_generations).std(1) == 0
             batch["rollout_metrics"]["uniform_groups"] = float(uniform.float().mean())
-            experience.append(batch)
-        return experience
 
     def loss(self, model: torch.nn.Module, batch: dict) -> engine.LossOutput:
         return rl.critic_free_loss(model, batch, self.args, self.surrogate)

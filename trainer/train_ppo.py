@@ -90,23 +90,21 @@ class PPO(rl.Algorithm):
         self.args, self.setup, self.actor_critic = args, setup, actor_critic
 
     @torch.no_grad()
-    def experience(self, rollouts: list[rl.Rollout], scores: list[tuple[torch.Tensor, dict]]) -> list[dict]:
+    def add_advantages(self, experience: list[dict]) -> None:
         """Fix what the PPO epochs compare against: the sampling policy's log-probs and values, the
         KL-shaped per-token rewards, advantages and returns."""
-        args, setup, experience = self.args, self.setup, []
-        for rollout, (rewards, components) in zip(rollouts, scores):
-            batch = rl.experience_batch(rollout, (rewards, components), setup.reference, args, setup.runtime)
+        args, setup = self.args, self.setup
+        for batch in experience:
             mask = batch["response_mask"]
             with setup.runtime.autocast():
                 old = rl.forward(self.actor_critic, batch)
             batch["old_log_probs"] = rl.response_log_probs(old.logits, batch, args.temperature)
             batch["old_values"] = old.state_values[:, :-1].float() * mask
-            token_rewards = kl_shaped_rewards(rewards, batch["old_log_probs"], batch["ref_log_probs"], mask, args.kl_coef)
+            token_rewards = kl_shaped_rewards(batch["rewards"], batch["old_log_probs"], batch["ref_log_probs"], mask,
+                                              args.kl_coef)
             advantages, batch["returns"] = gae(token_rewards, batch["old_values"], mask, args.gamma, args.lam)
             batch["advantages"] = rl.masked_whiten(advantages, mask)
             batch["rollout_metrics"]["value"] = float(rl.masked_mean(batch["old_values"], mask))
-            experience.append(batch)
-        return experience
 
     def loss(self, model: torch.nn.Module, batch: dict) -> engine.LossOutput:
         return ppo_loss(model, batch, self.args)

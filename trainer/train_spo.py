@@ -17,9 +17,14 @@ can give). After a reward r it updates with a forgetting factor rho that shrinks
 with D the policy's drift (KL between the policies, summed over the updates) since x was last seen: old
 evidence about a policy that no longer exists weighs less. A prompt seen for the first time starts from
 the running success rate over all prompts, worth 1 / (1 - rho_min) observations. Advantages
-A = r - v(x) are then whitened over the batch and drive the same clipped, token-normalised loss as GRPO
-(with an optional k3 KL to the reference, `--beta`). Every process applies every process's updates,
-so the trackers stay identical under torchrun, and they are saved in the resume checkpoint.
+A = r - v(x) are then whitened over the batch, and every response token t takes GRPO's loss, with
+ratio_t = pi(y_t) / pi_old(y_t):
+
+    -min(ratio_t * A, clip(ratio_t, 1 - eps, 1 + eps_high) * A)  +  kl_weight * KL_k3(pi || ref)_t
+
+summed over the step's response tokens and divided by their number (`rl.critic_free_loss`; kl_weight is
+`--beta`, 0 by default). Every process applies every process's updates, so the trackers stay identical
+under torchrun, and they are saved in the resume checkpoint.
 SPO's prioritised prompt sampling is not used: prompts come in the data order of the other stages.
 """
 
@@ -104,25 +109,23 @@ class SPO(rl.Algorithm):
         self.surrogate = partial(rl.clipped_surrogate, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high)
 
     @torch.no_grad()
-    def experience(self, rollouts: list[rl.Rollout], scores: list[tuple[torch.Tensor, dict]]) -> list[dict]:
+    def add_advantages(self, experience: list[dict]) -> None:
         """Advantage = reward - the tracker's baseline, whitened over the batch; then every process's
         rewards update the tracker."""
         args, setup, tracker = self.args, self.setup, self.tracker
         low, high = setup.rewards.bounds
-        experience, observed = [], []
-        for rollout, (rewards, components) in zip(rollouts, scores):
-            baselines = torch.tensor([low + (high - low) * tracker.baseline(p) for p in rollout.prompts])
+        observed = []
+        for batch in experience:
+            rewards, prompts = batch["rewards"], batch["prompts"]
+            baselines = torch.tensor([low + (high - low) * tracker.baseline(p) for p in prompts])
             advantages = rewards - baselines
             advantages = (advantages - advantages.mean()) / (advantages.std(correction=0) + 1e-4)
-            observed += [(prompt, (reward - low) / (high - low)) for prompt, reward in zip(rollout.prompts, rewards.tolist())]
-            batch = rl.experience_batch(rollout, (rewards, components), setup.reference, args, setup.runtime)
+            observed += [(prompt, (reward - low) / (high - low)) for prompt, reward in zip(prompts, rewards.tolist())]
             batch["advantages"] = advantages.to(setup.runtime.device)
             batch["old_log_probs"] = rl.frozen_log_probs(setup.policy, batch, args, setup.runtime)
             batch["rollout_metrics"].update(baseline=float(baselines.mean()), tracked_prompts=len(tracker.prompts))
-            experience.append(batch)
         everyone = all_processes(observed)
         tracker.update([prompt for prompt, _ in everyone], [success for _, success in everyone])
-        return experience
 
     def loss(self, model: torch.nn.Module, batch: dict) -> engine.LossOutput:
         return rl.critic_free_loss(model, batch, self.args, self.surrogate)
