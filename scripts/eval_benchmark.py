@@ -16,6 +16,11 @@ the first `--shots` dev questions with their answers, then the question, ending 
 goes. The model's prediction is the likeliest of the four letter tokens at that last position: no text is
 generated, so a model that has never seen the format is still scored, and a letter that is not a single
 token is an error, never a silently wrong score. Prints a table, then one JSON object as the last line.
+
+`--chat 1` puts the whole prompt in one user turn of the tokenizer's chat template (after its default
+system prompt, or `--system_prompt`), then the assistant's generation prompt. With `--harness 1 --chat 1`
+the prompt is lm-eval's own `apply_chat_template` rendering instead: the header as the system turn and,
+by lm-eval's default, each dev example as a user/assistant pair.
 """
 
 from __future__ import annotations
@@ -287,7 +292,20 @@ def load_split(benchmark: Benchmark, data_dir: Path, split: str, subject: str) -
     path = benchmark.csv_path(data_dir, split, subject)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
-    return read_questions(benchmark, path, subject)
+    try:
+        return read_questions(benchmark, path, subject)
+    except ValueError as error:
+        if benchmark.name == "ceval" and split == "test":  # the public release withholds the test answers
+            raise ValueError(f"{error} (C-Eval's public test split has no answers: score --split val)") from None
+        raise
+
+
+def check_split_and_shots(benchmark: Benchmark, split: str, shots: int) -> None:
+    if split not in benchmark.splits:
+        raise ValueError(f"{benchmark.name} has splits {', '.join(benchmark.splits)}, not {split!r}")
+    if not 0 <= shots <= MAX_SHOTS:
+        raise ValueError(f"--shots must be 0..{MAX_SHOTS} ({benchmark.name} has {MAX_SHOTS} dev questions "
+                         f"per subject), not {shots}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,10 +420,7 @@ def evaluate(model, tokenizer, benchmark_name: str, data_dir: str | Path, *, spl
     (`source`, `answer`, `prediction`, `correct`) for paired comparisons between models."""
     benchmark = BENCHMARKS[benchmark_name]
     split = split or benchmark.default_split
-    if split not in benchmark.splits:
-        raise ValueError(f"{benchmark.name} has splits {', '.join(benchmark.splits)}, not {split!r}")
-    if not 0 <= shots <= MAX_SHOTS:
-        raise ValueError(f"--shots must be 0..{MAX_SHOTS}, not {shots}")
+    check_split_and_shots(benchmark, split, shots)
     data_dir = Path(data_dir)
     names = find_subjects(benchmark, data_dir, split, subjects)
     questions, prompts = build_prompts(benchmark, data_dir, split, names, shots, limit)
@@ -496,8 +511,9 @@ def write_lm_eval_tasks(benchmark_name: str, data_dir: str | Path, split: str, s
 
 def run_harness(model, tokenizer, tasks: list[str], *, shots: int, batch_size: int, chat: bool,
                 include_path: str | Path | None = None, limit: int = 0) -> tuple[dict[str, tuple[int, int]], dict]:
-    """`lm_eval.simple_evaluate` on the loaded model through HFLM: per task (correct, n) and lm-eval's
-    own results (with every prompt it built, under "samples")."""
+    """`lm_eval.simple_evaluate` on the loaded model through HFLM: (correct, n) of every task it scored
+    (the subtasks of a group such as `ceval-valid`) and lm-eval's own results (with every prompt it built,
+    under "samples")."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -508,19 +524,30 @@ def run_harness(model, tokenizer, tasks: list[str], *, shots: int, batch_size: i
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, task_manager=manager, apply_chat_template=chat,
                               limit=limit or None, log_samples=True)
     counts = {}
-    for task in tasks:
-        if task in results["results"] and "acc,none" in results["results"][task] and task in results["n-samples"]:
+    for task, scores in results["results"].items():
+        if task in results["n-samples"] and "acc,none" in scores:
             n = results["n-samples"][task]["effective"]
-            counts[task] = (round(results["results"][task]["acc,none"] * n), n)
+            counts[task] = (round(scores["acc,none"] * n), n)
     return counts, results
+
+
+def harness_groups(results: dict, counts: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
+    """lm-eval's groups (e.g. `cmmlu`, and within it its categories), each with the scored tasks under it."""
+    subtasks = results.get("group_subtasks", {})
+
+    def leaves(name: str) -> list[str]:
+        return [name] if name in counts else [leaf for sub in subtasks.get(name, []) for leaf in leaves(sub)]
+
+    return {group: leaves(group) for group in subtasks if leaves(group)}
 
 
 def harness_evaluate(model, tokenizer, args: argparse.Namespace) -> dict:
     """`--harness 1`: the generated tasks for a local benchmark folder, or any lm-eval task names."""
     if args.tasks:
-        counts, _ = run_harness(model, tokenizer, args.tasks.split(","), shots=args.shots, batch_size=args.batch_size,
-                                chat=bool(args.chat), limit=args.limit)
-        return {**summarize("lm-eval", "-", args.shots, counts, {}), "chat": bool(args.chat), "harness": True}
+        counts, results = run_harness(model, tokenizer, args.tasks.split(","), shots=args.shots, batch_size=args.batch_size,
+                                      chat=bool(args.chat), include_path=args.include_path, limit=args.limit)
+        summary = summarize("lm-eval", "-", args.shots, counts, harness_groups(results, counts))
+        return {**summary, "chat": bool(args.chat), "harness": True}
     benchmark = BENCHMARKS[args.benchmark]
     split = args.split or benchmark.default_split
     with tempfile.TemporaryDirectory() as folder:
@@ -575,6 +602,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     harness.add_argument("--tasks", default=None,
                          help="with --harness 1: comma-separated lm-eval task names instead of the local benchmark "
                               "(e.g. ceval-valid,cmmlu,arc_easy,piqa,openbookqa,hellaswag,social_iqa; their data must be reachable)")
+    harness.add_argument("--include_path", default=None, metavar="DIR",
+                         help="with --tasks: also find lm-eval task YAML files in DIR (e.g. those --write_tasks wrote)")
     harness.add_argument("--write_tasks", default=None, metavar="DIR",
                          help="only write lm-eval YAML tasks for --data_dir into DIR, print how to run them, and exit")
     args = parser.parse_args(argv)
@@ -586,20 +615,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     benchmark = BENCHMARKS[args.benchmark]
+    split = args.split or benchmark.default_split
     try:
+        if not args.tasks:  # before a model loads: a wrong flag fails at once
+            check_split_and_shots(benchmark, split, args.shots)
         if args.write_tasks:
-            split = args.split or benchmark.default_split
             tasks = write_lm_eval_tasks(benchmark.name, args.data_dir, split, subject_list(args), args.write_tasks)
             print(f"wrote {len(tasks)} tasks to {args.write_tasks}; run them with\n  lm_eval --model hf --model_args "
                   f"pretrained=DIR --include_path {args.write_tasks} --tasks minimind_{benchmark.name}_{split} "
-                  f"--num_fewshot {args.shots}")
+                  f"--num_fewshot {args.shots}\nor\n  python scripts/eval_benchmark.py --harness 1 --include_path {args.write_tasks} "
+                  f"--tasks minimind_{benchmark.name}_{split} --shots {args.shots} --load_from ...")
             return
         model, tokenizer = load_from_args(args)
         print(f"loaded {describe(model)}", file=sys.stderr)
         if args.harness:
             results, details = harness_evaluate(model, tokenizer, args), []
         else:
-            results, details = evaluate(model, tokenizer, benchmark.name, args.data_dir, split=args.split, shots=args.shots,
+            results, details = evaluate(model, tokenizer, benchmark.name, args.data_dir, split=split, shots=args.shots,
                                         subjects=subject_list(args), limit=args.limit, batch_size=args.batch_size,
                                         chat=bool(args.chat), system_prompt=args.system_prompt)
     except (OSError, ValueError) as error:

@@ -14,7 +14,8 @@ than the weights), and writes one markdown file:
 * the tokenizer's compression, characters per token on held-out text;
 * per stage: parameters, tokens, wall time, final loss, tokens/s and MFU;
 * one table with a column per stage: exact match, C-Eval/CMMLU accuracy against chance with a 95%
-  Clopper-Pearson interval, held-out perplexity;
+  Clopper-Pearson interval, held-out perplexity; and for each stage, in words, whether it beats chance
+  on each demo benchmark beyond noise, with the number of questions;
 * for each pair of consecutive stages scored on the same questions, McNemar's exact test: is the
   change in accuracy more than the noise of which questions happened to flip?
 """
@@ -44,10 +45,6 @@ CODE_FOLDERS = ("model", "dataset", "trainer", "scripts")
 HELD_OUT_TEXT = DEMO / "long_text.jsonl"  # 三国演义, in no training file
 CHANCE = 0.25
 
-
-# ---------------------------------------------------------------------------------------------
-# Statistics
-# ---------------------------------------------------------------------------------------------
 
 # ---------------------------------------------------------------------------------------------
 # What the run left in out/
@@ -104,7 +101,7 @@ def code_size() -> dict[str, int]:
 
 def chars_per_token(tokenizer, path: Path = HELD_OUT_TEXT) -> float:
     text = "\n".join(json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line)
-    return len(text) / len(tokenizer(text, add_special_tokens=False).input_ids)
+    return len(text) / len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
 
 
 def environment() -> dict[str, str]:
@@ -146,10 +143,26 @@ def evaluate_stage(weights: Path, device: str, limit: int = 0) -> dict[str, dict
 # The markdown
 # ---------------------------------------------------------------------------------------------
 
+def chance_verdict(correct: int, n: int) -> str:
+    """Beyond noise only when the whole 95% interval is on one side of chance."""
+    low, high = binomial_interval(correct, n)
+    return "above chance" if low > CHANCE else "below chance" if high < CHANCE else "within noise of chance"
+
+
 def accuracy_cell(correct: int, n: int) -> str:
     low, high = binomial_interval(correct, n)
-    verdict = "above chance" if low > CHANCE else "below chance" if high < CHANCE else "within noise of chance"
-    return f"{correct / n:.3f} [{low:.3f}, {high:.3f}] n={n}, {verdict}"
+    return f"{correct / n:.3f} [{low:.3f}, {high:.3f}] n={n}, {chance_verdict(correct, n)}"
+
+
+BENCHMARK_NAMES = {"ceval": "C-Eval", "cmmlu": "CMMLU"}
+
+
+def chance_statement(stage: str, benchmark: str, correct: int, n: int) -> str:
+    """One sentence: does this stage beat chance on this demo benchmark beyond noise?"""
+    low, high = binomial_interval(correct, n)
+    beats = "beats chance beyond noise" if low > CHANCE else "does not beat chance beyond noise"
+    return (f"- {stage} {beats} on the demo {BENCHMARK_NAMES[benchmark]}: {correct} of {n} questions right "
+            f"({correct / n:.1%}, 95% interval {low:.1%}–{high:.1%}, chance {CHANCE:.0%}): {chance_verdict(correct, n)}.")
 
 
 def render(env: dict, sizes: dict, compression: float, costs: dict[str, dict], evaluations: dict[str, dict],
@@ -179,6 +192,9 @@ def render(env: dict, sizes: dict, compression: float, costs: dict[str, dict], e
             "held-out perplexity": lambda r: f"{r['perplexity']['ppl']:.1f}"}
     for label, cell in rows.items():
         lines.append(f"| {label} | " + " | ".join(cell(evaluations[column]) for column in columns) + " |")
+    lines += ["", "Against chance, 0-shot, as a binomial interval on the number of questions:", ""]
+    lines += [chance_statement(column, name, evaluations[column][name]["correct"], evaluations[column][name]["n"])
+              for column in columns for name in BENCHMARK_NAMES]
     if pairs:
         lines += ["", "## Before and after, on the same questions", "",
                   "McNemar's exact test: gained = wrong before and right after, lost = the reverse; p is two-sided.", "",

@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,10 +104,26 @@ def read_rows(path: Path) -> list[list[str]]:
         return [row[1:] for row in list(csv.reader(f))[1:]]  # drop the id / index column
 
 
-def reference_answers(model, tokenizer, folder: Path, benchmark: str, shots: int, rename: str | None = None) -> dict:
+CHAT_TURN = ("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+             "<|im_start|>assistant\n")  # MiniMind's chat template: the default system turn, the prompt as the user's
+
+
+def predictions_by_subject(details: list[dict]) -> dict[str, list[str]]:
+    by_subject: dict[str, list[str]] = {}
+    for detail in details:
+        by_subject.setdefault(detail["subject"], []).append(detail["prediction"])
+    return by_subject
+
+
+def chosen_letters(answers: dict) -> dict[str, list[str]]:
+    return {subject: [letter for letter, _ in pairs] for subject, pairs in answers.items()}
+
+
+def reference_answers(model, tokenizer, folder: Path, benchmark: str, shots: int, rename: str | None = None,
+                      chat: bool = False, limit: int = 0) -> dict:
     """Per subject, the chosen letter and the reference letter of each question: one prompt at a time, no
     padding, argmax of the four letters' logits at the last position. `rename` swaps the subject's Chinese
-    name for another word."""
+    name for another word; `chat` puts the prompt in a user turn followed by the generation prompt."""
     letters = [tokenizer.convert_tokens_to_ids(letter) for letter in "ABCD"]
     answers = {}
     for subject in SUBJECTS[benchmark]:
@@ -114,10 +131,13 @@ def reference_answers(model, tokenizer, folder: Path, benchmark: str, shots: int
         name = f"{subject}_{{}}.csv" if benchmark == "ceval" else f"{subject}.csv"
         dev = read_rows(folder / "dev" / name.format("dev"))[:shots]
         answers[subject] = []
-        for row in read_rows(folder / split / name.format(split)):
+        rows = read_rows(folder / split / name.format(split))
+        for row in rows[:limit] if limit else rows:
             prompt = official_prompt(benchmark, subject, dev, row)
             if rename:
                 prompt = prompt.replace(CHINESE_NAMES[subject], rename, 1)
+            if chat:
+                prompt = CHAT_TURN.format(prompt)
             ids = torch.tensor([tokenizer(prompt).input_ids])
             with torch.no_grad():
                 logits = model(input_ids=ids).logits[0, -1]
@@ -127,14 +147,18 @@ def reference_answers(model, tokenizer, folder: Path, benchmark: str, shots: int
 
 @pytest.mark.parametrize("bench", ["ceval", "cmmlu"])
 @pytest.mark.parametrize("shots", [0, 5])
-def test_correct_counts_equal_an_independent_implementation(sharp_model, layouts, bench, shots):
+@pytest.mark.parametrize("batch_size", [4, 28])
+def test_correct_counts_equal_an_independent_implementation(sharp_model, layouts, bench, shots, batch_size):
+    """Batched and left-padded (28: all questions in one batch, of many lengths) equals one prompt at a time."""
     _, model, tokenizer = sharp_model
-    results, details = eval_benchmark.evaluate(model, tokenizer, bench, layouts[bench], shots=shots, batch_size=4)
+    results, details = eval_benchmark.evaluate(model, tokenizer, bench, layouts[bench], shots=shots, batch_size=batch_size)
+    _, prompts = eval_benchmark.build_prompts(eval_benchmark.BENCHMARKS[bench], layouts[bench], SCORED_SPLIT[bench],
+                                              SUBJECTS[bench], shots)
+    assert len({len(tokenizer(prompt).input_ids) for prompt in prompts}) > 5  # so the batches are padded
     answers = reference_answers(model, tokenizer, layouts[bench], bench, shots)
     expected = {subject: sum(chosen == reference for chosen, reference in pairs) for subject, pairs in answers.items()}
     assert {name: entry["correct"] for name, entry in results["subjects"].items()} == expected
-    chosen = {subject: [letter for letter, _ in pairs] for subject, pairs in answers.items()}
-    assert {subject: [d["prediction"] for d in details if d["subject"] == subject] for subject in chosen} == chosen
+    assert predictions_by_subject(details) == chosen_letters(answers)
     assert results["n"] == 28 and len(details) == 28
     assert results["accuracy"] == sum(expected.values()) / 28
 
@@ -144,9 +168,45 @@ def test_the_protocol_check_can_fail(sharp_model, layouts):
     that got the prompt slightly wrong would not pass the test above (whose counts come from these answers)."""
     _, model, tokenizer = sharp_model
     for benchmark in SUBJECTS:
-        right = reference_answers(model, tokenizer, layouts[benchmark], benchmark, 0)
-        renamed = reference_answers(model, tokenizer, layouts[benchmark], benchmark, 0, rename="物理")
-        assert right != renamed  # some chosen letter differs
+        for shots in (0, 5):
+            right = reference_answers(model, tokenizer, layouts[benchmark], benchmark, shots)
+            renamed = reference_answers(model, tokenizer, layouts[benchmark], benchmark, shots, rename="物理")
+            assert right != renamed  # some chosen letter differs
+
+
+ONE_WORD_CHANGES = {
+    "header 单项 -> 多项": lambda b: dataclasses.replace(b, header=b.header.replace("单项", "多项")),
+    "answer prefix ： -> :": lambda b: dataclasses.replace(b, answer_prefix=b.answer_prefix.replace("：", ":")),
+    "question prefix 题目： added / dropped":
+        lambda b: dataclasses.replace(b, question_prefix="" if b.question_prefix else "题目："),
+}
+
+
+@pytest.mark.parametrize("change", ONE_WORD_CHANGES)
+@pytest.mark.parametrize("bench", ["ceval", "cmmlu"])
+@pytest.mark.parametrize("shots", [0, 5])
+def test_a_runner_with_one_word_of_its_prompt_changed_fails_the_check(sharp_model, layouts, monkeypatch, change, bench,
+                                                                       shots):
+    """The runner itself, its prompt changed by one word: its predictions no longer equal the reference's,
+    so the protocol test above would fail on it, at 0 and at 5 shots."""
+    _, model, tokenizer = sharp_model
+    reference = reference_answers(model, tokenizer, layouts[bench], bench, shots)
+    monkeypatch.setitem(eval_benchmark.BENCHMARKS, bench, ONE_WORD_CHANGES[change](eval_benchmark.BENCHMARKS[bench]))
+    _, details = eval_benchmark.evaluate(model, tokenizer, bench, layouts[bench], shots=shots, batch_size=28)
+    assert predictions_by_subject(details) != chosen_letters(reference)
+    assert set(predictions_by_subject(details)) == set(reference)
+
+
+def test_chat_mode_scores_the_prompt_as_a_user_turn(sharp_model, layouts):
+    """`--chat 1`: the official prompt in a user turn, then the generation prompt, scored at its last position."""
+    _, model, tokenizer = sharp_model
+    results, details = eval_benchmark.evaluate(model, tokenizer, "cmmlu", layouts["cmmlu"], shots=2, batch_size=28, chat=True)
+    answers = reference_answers(model, tokenizer, layouts["cmmlu"], "cmmlu", 2, chat=True)
+    assert predictions_by_subject(details) == chosen_letters(answers)
+    assert {name: entry["correct"] for name, entry in results["subjects"].items()} == \
+        {subject: sum(chosen == reference for chosen, reference in pairs) for subject, pairs in answers.items()}
+    plain = reference_answers(model, tokenizer, layouts["cmmlu"], "cmmlu", 2)
+    assert answers != plain and results["chat"] is True  # the chat turn changes answers: the check can fail
 
 
 # --- the prompt text, byte for byte ------------------------------------------------------------
@@ -182,13 +242,31 @@ def test_rendered_prompts_are_the_official_strings():
         "题目：1 加 1 等于多少？\nA. 1\nB. 2\nC. 3\nD. 4\n答案是：")
 
 
+def lm_eval_subject_table(benchmark: str) -> dict[str, str]:
+    """The subject -> Chinese name table lm-evaluation-harness generates its own ceval/cmmlu tasks from."""
+    import importlib.util
+
+    import lm_eval
+
+    path = Path(lm_eval.__file__).parent / "tasks" / benchmark / "_generate_configs.py"
+    spec = importlib.util.spec_from_file_location(f"lm_eval_{benchmark}_configs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SUBJECTS
+
+
 def test_subject_tables_are_complete():
+    """Both tables whole: every subject with the Chinese name lm-eval's copy of the benchmark uses, and the
+    category sizes the papers give (C-Eval 20/10/11/11, CMMLU 17/22/13/15 and 15 China-specific)."""
+    from collections import Counter
+
     ceval, cmmlu = eval_benchmark.CEVAL_SUBJECTS, eval_benchmark.CMMLU_SUBJECTS
     assert len(ceval) == 52 and len(cmmlu) == 67
-    assert {category for _, category in ceval.values()} == {"STEM", "Social Science", "Humanities", "Other"}
-    assert [c for _, c in ceval.values()].count("STEM") == 20
-    assert eval_benchmark.CMMLU_CHINA_SPECIFIC <= set(cmmlu)
-    assert ceval["accountant"][0] == "注册会计师" and cmmlu["agronomy"][0] == "农学"
+    assert {name: chinese for name, (chinese, _) in ceval.items()} == lm_eval_subject_table("ceval")
+    assert {name: chinese for name, (chinese, _) in cmmlu.items()} == lm_eval_subject_table("cmmlu")
+    assert Counter(c for _, c in ceval.values()) == {"STEM": 20, "Social Science": 10, "Humanities": 11, "Other": 11}
+    assert Counter(c for _, c in cmmlu.values()) == {"STEM": 17, "Social Science": 22, "Humanities": 13, "Other": 15}
+    assert eval_benchmark.CMMLU_CHINA_SPECIFIC <= set(cmmlu) and len(eval_benchmark.CMMLU_CHINA_SPECIFIC) == 15
 
 
 def test_chat_mode_wraps_the_prompt_in_a_user_turn(sharp_model):
@@ -219,6 +297,57 @@ def test_lm_eval_on_the_generated_tasks_agrees(sharp_model, layouts, tmp_path, b
     assert sorted(harness_prompts) == sorted(prompts)
 
 
+def last_json_line(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_harness_flag_gives_the_runners_table_and_json(sharp_model, layouts, tmp_path, capsys):
+    """`--harness 1` on a local folder and `--harness 1 --tasks` on the YAML `--write_tasks` wrote: lm-eval's
+    counts, in the same table and JSON as the runner's own."""
+    path = str(sharp_model[0])
+    model_flags = ["--load_from", path, "--dtype", "float32", "--benchmark", "cmmlu", "--data_dir",
+                   str(layouts["cmmlu"]), "--shots", "1", "--batch_size", "8"]
+    ours = run_main(capsys, *model_flags)
+    harness = run_main(capsys, *model_flags, "--harness", "1")
+    assert "mean over subjects" in harness.stdout and "chance" in harness.stdout
+    ours_json, harness_json = last_json_line(ours), last_json_line(harness)
+    assert harness_json["harness"] is True
+    for key in ("benchmark", "split", "shots", "accuracy", "macro_accuracy", "n", "subjects", "categories"):
+        assert harness_json[key] == ours_json[key], key
+    written = run_main(capsys, *model_flags, "--write_tasks", str(tmp_path / "tasks"))
+    assert "wrote 2 tasks" in written.stdout
+    by_task = last_json_line(run_main(capsys, "--load_from", path, "--dtype", "float32", "--harness", "1", "--shots", "1",
+                                      "--tasks", "minimind_cmmlu_test", "--include_path", str(tmp_path / "tasks")))
+    assert by_task["accuracy"] == ours_json["accuracy"] and by_task["n"] == ours_json["n"] == 28
+    assert by_task["categories"]["minimind_cmmlu_test"]["correct"] == ours_json["correct"]
+    assert {name.removeprefix("minimind_cmmlu_test_"): entry for name, entry in by_task["subjects"].items()} == \
+        ours_json["subjects"]
+
+
+def test_any_transformers_chat_model_directory_is_scored(layouts, tmp_path, capsys):
+    """A transformers Llama saved with `save_pretrained` (and a tokenizer), opened by `--load_from DIR`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model.loader import load_tokenizer
+
+    torch.manual_seed(1)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=6400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096))
+    with torch.no_grad():
+        for parameter in llama.parameters():
+            if parameter.dim() > 1:
+                parameter.mul_(30)
+    llama.save_pretrained(tmp_path / "llama")
+    tokenizer = load_tokenizer(None)
+    tokenizer.save_pretrained(tmp_path / "llama")
+    summary = last_json_line(run_main(capsys, "--load_from", str(tmp_path / "llama"), "--dtype", "float32",
+                                      "--benchmark", "ceval", "--data_dir", str(layouts["ceval"]), "--shots", "2"))
+    answers = reference_answers(llama.eval(), tokenizer, layouts["ceval"], "ceval", 2)
+    assert {name: entry["correct"] for name, entry in summary["subjects"].items()} == \
+        {subject: sum(chosen == reference for chosen, reference in pairs) for subject, pairs in answers.items()}
+
+
 # --- bad input: a clear error and no number ---------------------------------------------------
 
 def run_cli(*flags: str) -> subprocess.CompletedProcess:
@@ -226,33 +355,102 @@ def run_cli(*flags: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, cwd="/")
 
 
-def broken_copy(layouts, tmp_path, edit) -> Path:
-    folder = tmp_path / "ceval"
-    subprocess.run(["cp", "-r", str(layouts["ceval"]), str(folder)], check=True)
-    path = folder / "val" / "logic_val.csv"
+def broken_copy(layouts, tmp_path, benchmark: str, edit) -> Path:
+    """A copy of the benchmark folder whose second subject's scored file has its line 4 edited."""
+    folder = tmp_path / benchmark
+    subprocess.run(["cp", "-r", str(layouts[benchmark]), str(folder)], check=True)
+    subject, split = SUBJECTS[benchmark][1], SCORED_SPLIT[benchmark]
+    path = folder / split / (f"{subject}_{split}.csv" if benchmark == "ceval" else f"{subject}.csv")
     lines = path.read_text(encoding="utf-8").split("\n")
     lines[3] = edit(lines[3])
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
 
+def run_main(capsys, *flags: str) -> subprocess.CompletedProcess:
+    """The command line in this process (quicker than a subprocess for the many error cases): `sys.exit`'s
+    message is what the interpreter would print to stderr, with exit status 1."""
+    capsys.readouterr()
+    try:
+        eval_benchmark.main([*flags, "--device", "cpu"])
+        code, message = 0, ""
+    except SystemExit as exit_:
+        code, message = (1, exit_.code) if isinstance(exit_.code, str) else (exit_.code, "")
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(flags, code, out, err + message)
+
+
+def assert_error_and_no_number(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert message in result.stderr, result.stderr
+    assert result.stdout == ""  # no table, no JSON
+
+
+@pytest.mark.parametrize("bench", ["ceval", "cmmlu"])
 @pytest.mark.parametrize("edit, reason", [
     (lambda line: line + ",extra,fields", "malformed CSV"),
     (lambda line: line[:-1] + "E", "answer 'E' is not one of A, B, C, D"),
+    (lambda line: line[:-1], "answer '' is not one of A, B, C, D"),
 ])
-def test_bad_csv_is_an_error_naming_the_line(sharp_model, layouts, tmp_path, edit, reason):
-    path = broken_copy(layouts, tmp_path, edit)
-    result = run_cli("--load_from", str(sharp_model[0]), "--benchmark", "ceval", "--data_dir", str(path.parents[1]))
-    assert result.returncode == 1
-    assert f"{path}:4: " in result.stderr and reason in result.stderr, result.stderr
-    assert result.stdout == ""
+def test_bad_csv_is_an_error_naming_the_line(sharp_model, layouts, tmp_path, bench, edit, reason, capsys):
+    path = broken_copy(layouts, tmp_path, bench, edit)
+    result = run_main(capsys, "--load_from", str(sharp_model[0]), "--benchmark", bench, "--data_dir", str(path.parents[1]))
+    assert_error_and_no_number(result, f"{path}:4: {reason}")
 
 
-def test_missing_column_is_an_error(layouts, tmp_path):
-    path = broken_copy(layouts, tmp_path, lambda line: line)
-    path.write_text(path.read_text(encoding="utf-8").replace("answer", "label", 1), encoding="utf-8")
-    with pytest.raises(ValueError, match=f"{path}:1: missing column answer"):
-        eval_benchmark.read_questions(eval_benchmark.BENCHMARKS["ceval"], path, "logic")
+@pytest.mark.parametrize("bench, column", [("ceval", "answer"), ("cmmlu", "Answer"), ("cmmlu", "Question"), ("ceval", "D")])
+def test_missing_column_is_an_error(sharp_model, layouts, tmp_path, bench, column, capsys):
+    path = broken_copy(layouts, tmp_path, bench, lambda line: line)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    lines[0] = ",".join("label" if name == column else name for name in lines[0].split(","))
+    path.write_text("\n".join(lines), encoding="utf-8")
+    result = run_main(capsys, "--load_from", str(sharp_model[0]), "--benchmark", bench, "--data_dir", str(path.parents[1]))
+    assert_error_and_no_number(result, f"{path}:1: missing column {column} ")
+
+
+def test_the_public_ceval_test_split_without_answers_says_to_score_val(sharp_model, layouts, tmp_path, capsys):
+    """C-Eval's released test files carry no answers: the error says so instead of scoring anything."""
+    folder = tmp_path / "ceval"
+    subprocess.run(["cp", "-r", str(layouts["ceval"]), str(folder)], check=True)
+    for subject in SUBJECTS["ceval"]:
+        rows = read_rows(folder / "val" / f"{subject}_val.csv")
+        (folder / "test").mkdir(exist_ok=True)
+        with open(folder / "test" / f"{subject}_test.csv", "w", encoding="utf-8", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows([["id", "question", "A", "B", "C", "D"]]
+                                                          + [[str(i), *row[:5]] for i, row in enumerate(rows)])
+    result = run_main(capsys, "--load_from", str(sharp_model[0]), "--benchmark", "ceval", "--data_dir", str(folder),
+                      "--split", "test")
+    assert_error_and_no_number(result, "missing column answer")
+    assert "C-Eval's public test split has no answers: score --split val" in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--benchmark", "cmmlu", "--split", "val"], "cmmlu has splits test, dev, not 'val'"),
+    (["--benchmark", "ceval", "--split", "train"], "ceval has splits val, test, dev, not 'train'"),
+    (["--benchmark", "ceval", "--shots", "6"], "--shots must be 0..5"),
+    (["--benchmark", "cmmlu", "--shots", "-1"], "--shots must be 0..5"),
+    (["--benchmark", "ceval", "--subjects", "logic,astrology"], "'astrology' is not a ceval subject"),
+    (["--benchmark", "cmmlu", "--subjects", "logic"], "'logic' is not a cmmlu subject"),  # C-Eval's name, not CMMLU's
+])
+def test_wrong_flags_are_an_error(sharp_model, layouts, flags, message, capsys):
+    bench = flags[1]
+    result = run_main(capsys, "--load_from", str(sharp_model[0]), "--data_dir", str(layouts[bench]), *flags)
+    assert_error_and_no_number(result, message)
+
+
+def test_subjects_limit_and_splits_select_the_questions(sharp_model, layouts):
+    """`--subjects` scores those subjects only, `--limit N` the first N of each, `--split dev` the dev files."""
+    path, model, tokenizer = sharp_model
+    result = run_cli("--load_from", str(path), "--dtype", "float32", "--benchmark", "ceval", "--data_dir",
+                     str(layouts["ceval"]), "--subjects", "logic", "--limit", "4", "--shots", "3")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    reference = reference_answers(model, tokenizer, layouts["ceval"], "ceval", 3, limit=4)["logic"]
+    assert set(summary["subjects"]) == {"logic"} and summary["n"] == 4
+    assert summary["subjects"]["logic"]["correct"] == sum(chosen == answer for chosen, answer in reference)
+    assert summary["categories"] == {"Humanities": summary["subjects"]["logic"]}
+    dev, _ = eval_benchmark.evaluate(model, tokenizer, "cmmlu", layouts["cmmlu"], split="dev")
+    assert dev["split"] == "dev" and dev["n"] == 10
 
 
 def test_a_letter_that_is_not_one_token_is_an_error(sharp_model, layouts, tmp_path):
@@ -278,3 +476,42 @@ def test_cli_prints_a_table_and_the_json_last(sharp_model, layouts, tmp_path):
     assert summary["n"] == 6 and summary["shots"] == 2 and set(summary["subjects"]) == set(SUBJECTS["cmmlu"])
     assert "chance" in result.stdout and "mean over subjects" in result.stdout
     assert len(json.loads((tmp_path / "out.json").read_text())["predictions"]) == 6
+
+
+# --- the shipped demo benchmark -----------------------------------------------------------------
+
+@pytest.mark.parametrize("bench", ["ceval", "cmmlu"])
+def test_the_demo_benchmark_loads_as_the_real_one_with_near_miss_distractors(bench):
+    """`dataset/demo/<bench>` read by the runner as a real release: 3 subjects, 5 dev and 60 scored
+    questions each; every wrong option is a near miss of the right one (a slip of 1, 2 or 10, a slipped
+    zero, or the other number the question names), so the letters cannot be told apart by their size."""
+    benchmark, folder = eval_benchmark.BENCHMARKS[bench], REPO / "dataset" / "demo" / bench
+    subjects = eval_benchmark.find_subjects(benchmark, folder, benchmark.default_split, None)
+    assert len(subjects) == 3
+    questions, prompts = eval_benchmark.build_prompts(benchmark, folder, benchmark.default_split, subjects, 5)
+    assert len(questions) == 180 and all(prompt.count(benchmark.answer_prefix) == 6 for prompt in prompts)
+    dev = [question for subject in subjects for question in eval_benchmark.load_split(benchmark, folder, "dev", subject)]
+    assert len(dev) == 15
+    for question in questions + dev:
+        right = int(question.options["ABCD".index(question.answer)])
+        named = {int(number) for number in re.findall(r"\d+", question.text)}
+        for option in question.options:
+            wrong = int(option)
+            assert wrong == right or abs(wrong - right) in (1, 2, 10) or wrong * 10 == right or right * 10 == wrong \
+                or wrong in named, (question.source, question.options)
+
+
+# --- the speed benchmark -------------------------------------------------------------------------
+
+def test_speed_benchmark_scores_synthetic_ceval_sized_questions(capsys):
+    """`scripts/bench_eval.py`: the questions it writes are a C-Eval layout the runner reads (all 52 subjects,
+    the count asked for) and its last line is the JSON of the timing."""
+    from scripts import bench_eval
+
+    bench_eval.main(["--preset", "tiny", "--questions", "104", "--threads", "1", "--dtype", "float32"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["questions"] == 104 and summary["subjects"] == 52 and summary["shots"] == 0
+    assert summary["model"].startswith("random tiny") and summary["dtype"] == "float32"
+    assert 60 < summary["prompt_tokens_mean"] < 400 and summary["seconds"] > 0 and summary["threads"] == 1
+    assert "104 questions" in lines[-2]

@@ -33,6 +33,29 @@ def test_binomial_interval_is_clopper_pearson(correct, n):
     assert low == pytest.approx(expected_low, abs=1e-7) and high == pytest.approx(expected_high, abs=1e-7)
 
 
+def clopper_pearson(correct: int, n: int) -> tuple[float, float]:
+    low = 0.0 if correct == 0 else bisect(lambda p: binomial_tail_at_least(correct, n, p) - 0.025)
+    high = 1.0 if correct == n else bisect(lambda p: 0.025 - (1 - binomial_tail_at_least(correct + 1, n, p)))
+    return low, high
+
+
+@pytest.mark.parametrize("correct, n, verdict", [
+    (58, 180, "above chance"),  # 32.2%: the interval starts at 25.5%
+    (55, 180, "within noise of chance"),  # 30.6%: starts at 23.9%
+    (45, 180, "within noise of chance"),
+    (30, 180, "below chance"),
+    (3, 4, "within noise of chance"),  # 75% of four questions says nothing
+])
+def test_the_chance_verdict_is_the_binomial_interval_against_25_percent(correct, n, verdict):
+    low, high = clopper_pearson(correct, n)
+    assert (low > 0.25, high < 0.25) == (verdict == "above chance", verdict == "below chance")  # the cases are right
+    assert report.chance_verdict(correct, n) == verdict
+    beats = "beats chance beyond noise" if verdict == "above chance" else "does not beat chance beyond noise"
+    assert report.chance_statement("SFT", "ceval", correct, n) == (
+        f"- SFT {beats} on the demo C-Eval: {correct} of {n} questions right ({correct / n:.1%}, 95% interval "
+        f"{low:.1%}–{high:.1%}, chance 25%): {verdict}.")
+
+
 def test_mcnemar_exact_p_value():
     # 9 questions gained, 1 lost, 10 unchanged: p = 2 * P(X <= 1 | Bin(10, 1/2)) = 2 * 11 / 1024
     before = [False] * 9 + [True] + [True] * 5 + [False] * 5
@@ -78,6 +101,13 @@ def test_report_card_for_a_run(tmp_path):
     assert "| | PRETRAIN | SFT |" in text
     assert text.count("n=30,") == 4  # demo C-Eval and CMMLU, each stage
     assert "| ceval | PRETRAIN | SFT | 30 |" in text and "| exact_match | PRETRAIN | SFT | 10 |" in text
+    for stage, weights in (("PRETRAIN", "pretrain"), ("SFT", "full_sft")):  # the pretrained and SFT model, in words
+        for name, title in (("ceval", "C-Eval"), ("cmmlu", "CMMLU")):
+            result = json.loads((tmp_path / f"{weights}_64.{name}.first10.json").read_text(encoding="utf-8"))
+            assert result["n"] == 30 and len(result["predictions"]) == 30
+            beats = clopper_pearson(result["correct"], 30)[0] > 0.25
+            assert f"- {stage} {'beats' if beats else 'does not beat'} chance beyond noise on the demo {title}: " \
+                   f"{result['correct']} of 30 questions right" in text
     saved = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*_64.*.json")}
     assert len(saved) == 8  # four evaluations per stage, with every prediction
     report.write_report(tmp_path, tmp_path / "again.md", device="cpu", limit=10)  # reuses them: nothing reruns
