@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from model.chat_format import DEFAULT_HISTORY_UTTERANCES, HISTORY_MODES, fit_history
+from model.chat_format import DEFAULT_HISTORY_UTTERANCES, HISTORY_MODES, PromptTooLong, fit_history, render_prompt
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -272,22 +272,19 @@ class ChatEncoder:
                       enable_thinking: bool | None = None) -> tuple[str, list[int]]:
         """The prompt text and ids for generating the next assistant turn, at most `max_length` ids.
 
-        A long history loses its oldest turns first; the system message and the last user turn (with
-        anything after it) stay. If even that is too long, the head is cut: the end of the prompt,
-        the generation prompt included, is what the model must see.
+        A long history loses its oldest turns first (`fit_history`, the one history policy); the system
+        message and the last user turn (with anything after it) stay. If even that is too long, the
+        head is cut: the end of the prompt, the generation prompt included, is what the model must see.
         """
         messages, tools = normalize_conversation(messages)
-        template_kwargs = {"add_generation_prompt": True}
-        if enable_thinking is not None:
-            template_kwargs["enable_thinking"] = enable_thinking
-        system = messages[:1] if messages[0]["role"] == "system" else []
-        history = messages[len(system):]
-        turn_starts = [n for n, m in enumerate(history) if m["role"] == "user"] or [0]
-        for first_kept in sorted({0, *turn_starts}):
-            text = self.render(system + history[first_kept:], tools, **template_kwargs)
-            ids = self.tokenize(text)
-            if len(ids) <= max_length:
-                return text, ids
+        try:
+            kept = fit_history(self.tokenizer, messages, max_length, enable_thinking=enable_thinking, tools=tools)
+        except PromptTooLong:
+            kept = fit_history(None, messages, history_mode="none")
+        text = render_prompt(self.tokenizer, kept, enable_thinking=enable_thinking, tools=tools)
+        ids = self.tokenize(text)
+        if len(ids) <= max_length:
+            return text, ids
         ids = ids[-max_length:]
         return self.tokenizer.decode(ids), ids
 

@@ -188,6 +188,16 @@ def load_hf_directory(directory: Path, dtype: torch.dtype, inference_rope_scalin
     return model
 
 
+# How text is cut into pieces before BPE merges within them (trainer/train_tokenizer.py --split). GPT-2's split (MiniMind's tokenizer) keeps a
+# run of digits together, so BPE learns "31" and " 30" as unrelated tokens and every sum or successor is a
+# fact to memorise; Qwen2's split (the same regex otherwise) makes each digit its own piece, so "30" -> "31"
+# is "copy 3, add one to 0" and arithmetic can be learnt digit by digit. llama.cpp knows both (pre `gpt-2`,
+# `qwen2`), so either exports to GGUF.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+
 def has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer_config.json").exists() or (directory / "tokenizer.json").exists()
 

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from model.cli import add_switch
 from model.generate import Decoder, Sequence
 from model.loader import load_model_and_tokenizer, quantize_int8
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
@@ -250,7 +251,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_sizes", default="1,4,16,32")
     parser.add_argument("--stream_counts", default="1,4,16,32")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip_server", action="store_true", help="no HTTP server figures")
+    add_switch(parser, "--skip_server", default=0, help="no HTTP server figures")
     parser.add_argument("--ppl_file", default=str(DEMO / "pretrain.jsonl"), help="held-out text for the int8 perplexity")
     parser.add_argument("--ppl_samples", type=int, default=100)
     parser.add_argument("--ppl_load_from", default=None,

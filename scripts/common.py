@@ -5,7 +5,6 @@ from. A library, not an entry script: scripts import it, never each other.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -98,12 +97,6 @@ def start(command: list[str]) -> ForkedStep | subprocess.Popen:
     if script.endswith(".py") and sys.platform == "linux" and not torch.cuda.is_initialized():
         return ForkedStep(script, command[2:])
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def add_device_args(parser: argparse.ArgumentParser) -> None:
-    """`--device` and `--dtype`, passed on to every trainer and evaluation a measurement runs."""
-    parser.add_argument("--device", default="auto", help="(default: auto = cuda > mps > cpu)")
-    parser.add_argument("--dtype", default="auto", help="(default: auto, the trainers' dtype policy)")
 
 
 def output_dir(path: str | Path) -> Path:

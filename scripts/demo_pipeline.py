@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from model.cli import add_switch
 from scripts.common import (DEMO, REPO, constant_answer_baseline, evaluation_path, last_json, new_figure, read_metrics,
                             run, save_figure)
 
@@ -90,7 +91,7 @@ def stage_losses(pretrain_metrics: list[dict], sft_metrics: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model, a few steps: checks the plumbing in about a minute")
+    add_switch(parser, "--quick", default=0, help="tiny model, a few steps: checks the plumbing in about a minute")
     parser.add_argument("--out_dir", default=str(REPO / "out" / "demo"), help="weights, metrics, evaluations, report")
     parser.add_argument("--images_dir", default=str(REPO / "images"), help="where the loss-curve PNGs go")
     parser.add_argument("--hidden_size", type=int, default=128)
@@ -102,7 +103,7 @@ def main() -> None:
     parser.add_argument("--sft_batch_size", type=int, default=16)
     parser.add_argument("--sft_learning_rate", type=float, default=3e-3)
     parser.add_argument("--eval_interval", type=int, default=100, help="optimizer steps between validations")
-    parser.add_argument("--skip_test", action="store_true",
+    add_switch(parser, "--skip_test", default=0,
                         help="stop after scoring the validation questions (carved from the SFT data), for choosing a "
                              "recipe: dataset/demo/eval.jsonl is scored once, for the final model")
     parser.add_argument("--device", default="auto")

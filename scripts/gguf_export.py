@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from model.loader import QWEN2_SPLIT
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.train_tokenizer import QWEN2_SPLIT
 
 Q = gguf.GGMLQuantizationType
 # --outtype: the storage type of every matrix. q8_0 / q4_0 store blocks of 32 values as 8- / 4-bit

@@ -37,7 +37,9 @@ import sys
 import time
 from pathlib import Path
 
-from scripts.common import (DEMO, REPO, accelerator_name, add_device_args, binomial_interval, constant_answer_baseline,
+from model.cli import add_switch
+from model.loader import add_device_args
+from scripts.common import (DEMO, REPO, accelerator_name, binomial_interval, constant_answer_baseline,
                             cpu_name, last_json, mcnemar_exact, output_dir, read_metrics, run)
 
 TRAINING_MODES = ("full", "query_utterance")
@@ -77,7 +79,7 @@ def main() -> None:
                         help="pretrained weights (.pth with its .json sidecar) both SFT runs start from; "
                              "default: pretrain one on dataset/demo/pretrain.jsonl")
     parser.add_argument("--out_dir", default=str(REPO / "out" / "history"))
-    parser.add_argument("--quick", action="store_true", help="tiny models, a few steps, 20 questions per evaluation")
+    add_switch(parser, "--quick", default=0, help="tiny models, a few steps, 20 questions per evaluation")
     parser.add_argument("--hidden_size", type=int, default=256, help="of the pretrained model, when this script trains it")
     parser.add_argument("--num_hidden_layers", type=int, default=4)
     parser.add_argument("--pretrain_epochs", type=int, default=1)

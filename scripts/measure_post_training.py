@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,19 +33,18 @@ from pathlib import Path
 import torch
 
 from dataset.lm_dataset import DPODataset, pad_preference_pairs
-from model.loader import load_model_and_tokenizer
+from model.chat_format import split_reasoning, thinking_well_formed
+from model.cli import add_switch
+from model.loader import add_device_args, load_model_and_tokenizer
 from model.model_minimind import next_token_nll
-from scripts.common import (DEMO, REPO, accelerator_name, add_device_args, cpu_name, last_json, output_dir,
+from scripts.common import (DEMO, REPO, accelerator_name, cpu_name, last_json, output_dir,
                             paired_change, read_metrics, run)
 
-THINK_THEN_ANSWER = re.compile(r"\s*<think>(?P<thought>.*?)</think>(?P<answer>.*)", re.DOTALL)
-
-
 def well_formed(reply: str) -> bool:
-    """One `<think>` block with something in it, closed, then a non-empty answer with no further tags."""
-    match = THINK_THEN_ANSWER.fullmatch(reply)
-    return bool(match and match["thought"].strip() and match["answer"].strip()
-                and "<think>" not in match["thought"] + match["answer"] and "</think>" not in match["answer"])
+    """One `<think>` block opening the reply (`thinking_well_formed`, the RL format reward's rule), with
+    something in it, then a non-empty answer."""
+    reasoning, answer = split_reasoning(reply)
+    return thinking_well_formed(reply) and bool(reasoning) and bool(answer)
 
 
 def write_held_out_pairs(path: Path) -> None:
@@ -89,7 +87,7 @@ def main() -> None:
     parser.add_argument("--sft_weight", default=None, help="the SFT model (.pth with its .json sidecar); default: "
                                                            "SFT from random weights on dataset/demo/sft.jsonl, 1 epoch")
     parser.add_argument("--out_dir", default=str(REPO / "out" / "post_training"))
-    parser.add_argument("--quick", action="store_true", help="tiny models, a few steps")
+    add_switch(parser, "--quick", default=0, help="tiny models, a few steps")
     parser.add_argument("--dpo_pairs", choices=["on_policy", "shipped"], default="shipped",
                         help="on_policy: the SFT model's own wrong answers as rejected (scripts/make_dpo_pairs.py); "
                              "shipped: dataset/demo/dpo.jsonl's near misses")

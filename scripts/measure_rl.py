@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from model.cli import add_switch
 from model.weights import read_sidecar
 from scripts.common import (DEMO, REPO, accelerator_name, cpu_name, last_json, new_figure, paired_change,
                             read_metrics, run, save_figure)
@@ -113,7 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=str(REPO / "out" / "demo" / "full_sft_128.pth"),
                         help="the SFT weights every stage starts from (.pth with its .json sidecar)")
-    parser.add_argument("--quick", action="store_true", help="tiny random model, 3 steps per stage: checks the plumbing")
+    add_switch(parser, "--quick", default=0, help="tiny random model, 3 steps per stage: checks the plumbing")
     parser.add_argument("--out_dir", default=str(REPO / "out" / "rl_demo"))
     parser.add_argument("--images_dir", default=str(REPO / "images"))
     parser.add_argument("--eval_file", default=str(DEMO / "eval.jsonl"))

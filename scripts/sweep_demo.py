@@ -20,7 +20,9 @@ import argparse
 import json
 import sys
 
-from scripts.common import REPO, add_device_args, binomial_interval, cpu_name, last_json, output_dir, run
+from model.cli import add_switch
+from model.loader import add_device_args
+from scripts.common import REPO, binomial_interval, cpu_name, last_json, output_dir, run
 
 # name -> demo_pipeline.py flags (4 layers and sequences of 256 tokens, pretraining 1 epoch, unless a recipe
 # says otherwise); what was tried, in the order it was tried. "long_sft" is demo_pipeline.py's default.
@@ -41,7 +43,7 @@ def main() -> None:
     parser.add_argument("--budget_minutes", type=float, default=13.5,
                         help="a recipe must train and validate within this to be chosen")
     parser.add_argument("--out_dir", default=str(REPO / "out" / "sweep"))
-    parser.add_argument("--quick", action="store_true", help="tiny models, a few steps: checks the plumbing")
+    add_switch(parser, "--quick", default=0, help="tiny models, a few steps: checks the plumbing")
     add_device_args(parser)
     args = parser.parse_args()
     out = output_dir(args.out_dir)

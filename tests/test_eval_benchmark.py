@@ -508,10 +508,10 @@ def test_speed_benchmark_scores_synthetic_ceval_sized_questions(capsys):
     the count asked for) and its last line is the JSON of the timing."""
     from scripts import bench_eval
 
-    bench_eval.main(["--preset", "tiny", "--questions", "104", "--threads", "1", "--dtype", "float32"])
+    bench_eval.main(["--preset", "tiny", "--questions", "104", "--dtype", "float32"])
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
     assert summary["questions"] == 104 and summary["subjects"] == 52 and summary["shots"] == 0
     assert summary["model"].startswith("random tiny") and summary["dtype"] == "float32"
-    assert 60 < summary["prompt_tokens_mean"] < 400 and summary["seconds"] > 0 and summary["threads"] == 1
+    assert summary["seconds"] > 0 and summary["questions_per_s"] > 0
     assert "104 questions" in lines[-2]

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from model.loader import QWEN2_SPLIT
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = [REPO_ROOT / "dataset" / "demo" / "pretrain.jsonl", REPO_ROOT / "dataset" / "demo" / "sft.jsonl"]
 
@@ -25,14 +27,6 @@ DEFAULT_DATA = [REPO_ROOT / "dataset" / "demo" / "pretrain.jsonl", REPO_ROOT / "
 # BPE never needs), the start of a chat turn (bos) and the end of a turn (eos).
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
-
-# How text is cut into pieces before BPE merges within them. GPT-2's split (MiniMind's tokenizer) keeps a
-# run of digits together, so BPE learns "31" and " 30" as unrelated tokens and every sum or successor is a
-# fact to memorise; Qwen2's split (the same regex otherwise) makes each digit its own piece, so "30" -> "31"
-# is "copy 3, add one to 0" and arithmetic can be learnt digit by digit. llama.cpp knows both (pre `gpt-2`,
-# `qwen2`), so either exports to GGUF.
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def pre_tokenizer(split: str) -> pre_tokenizers.PreTokenizer:
