@@ -17,10 +17,9 @@ goes. The model's prediction is the likeliest of the four letter tokens at that 
 generated, so a model that has never seen the format is still scored, and a letter that is not a single
 token is an error, never a silently wrong score. Prints a table, then one JSON object as the last line.
 
-`--chat 1` puts the whole prompt in one user turn of the tokenizer's chat template (after its default
-system prompt, or `--system_prompt`), then the assistant's generation prompt. With `--harness 1 --chat 1`
-the prompt is lm-eval's own `apply_chat_template` rendering instead: the header as the system turn and,
-by lm-eval's default, each dev example as a user/assistant pair.
+`--chat 1` renders the prompt through the tokenizer's chat template as lm-eval's `--apply_chat_template`
+does (tested against it): the header as the system turn (after `--system_prompt`), each dev example as a
+user turn answered by its letter, then the question as a user turn and the assistant's generation prompt.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import json
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,7 @@ import yaml
 from tqdm import tqdm
 
 from dataset.benchmark_subjects import CEVAL_SUBJECTS, CMMLU_CHINA_SPECIFIC, CMMLU_SUBJECTS
-from model.chat_format import render_prompt, start_messages
+from model.chat_format import render_prompt
 from model.loader import add_model_args, add_switch, context_length, describe, load_from_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,9 +194,20 @@ def render_question(benchmark: Benchmark, question: Question, examples: list[Que
         + question_block(benchmark, question, False)
 
 
-def chat_wrapped(tokenizer, prompt: str, system_prompt: str | None) -> str:
-    """`--chat 1`: the whole prompt as one user turn, then the assistant's generation prompt."""
-    return render_prompt(tokenizer, start_messages(system_prompt) + [{"role": "user", "content": prompt}])
+def chat_messages(benchmark: Benchmark, question: Question, examples: list[Question],
+                  system_prompt: str | None = None) -> list[dict]:
+    """`--chat 1`: the prompt as lm-eval's `--apply_chat_template` turns it into a chat (with its default
+    `fewshot_as_multiturn`): the header as the system turn (after `--system_prompt`, lm-eval's
+    `system_instruction`, with a blank line between), each dev example as a user turn answered by an
+    assistant turn holding its letter, then the question as the last user turn."""
+    header = benchmark.header.format(subject=benchmark.chinese_name(question.subject))
+    system = header if not system_prompt else \
+        system_prompt + ("" if system_prompt[-1].isspace() else "\n\n") + header
+    messages = [{"role": "system", "content": system}]
+    for example in examples:
+        messages += [{"role": "user", "content": question_block(benchmark, example, False)},
+                     {"role": "assistant", "content": example.answer}]
+    return messages + [{"role": "user", "content": question_block(benchmark, question, False)}]
 
 
 def letter_token_ids(tokenizer) -> list[int]:
@@ -239,8 +250,9 @@ def predict_letters(model, tokenizer, prompts: list[str], batch_size: int) -> li
 
 
 def build_prompts(benchmark: Benchmark, data_dir: Path, split: str, subjects: list[str], shots: int,
-                  limit: int = 0) -> tuple[list[Question], list[str]]:
-    """Every question to score, with its plain (non-chat) prompt."""
+                  limit: int = 0, render: Callable[[Benchmark, Question, list[Question]], str] = render_question
+                  ) -> tuple[list[Question], list[str]]:
+    """Every question to score, with its prompt (`render`: the plain one, unless told otherwise)."""
     questions, prompts = [], []
     for subject in subjects:
         examples = load_split(benchmark, data_dir, "dev", subject)[:shots] if shots else []
@@ -250,7 +262,7 @@ def build_prompts(benchmark: Benchmark, data_dir: Path, split: str, subjects: li
         subject_questions = load_split(benchmark, data_dir, split, subject)
         for question in subject_questions[:limit] if limit else subject_questions:
             questions.append(question)
-            prompts.append(render_question(benchmark, question, examples))
+            prompts.append(render(benchmark, question, examples))
     return questions, prompts
 
 
@@ -291,9 +303,9 @@ def evaluate(model, tokenizer, benchmark_name: str, data_dir: str | Path, *, spl
     check_split_and_shots(benchmark, split, shots)
     data_dir = Path(data_dir)
     names = find_subjects(benchmark, data_dir, split, subjects)
-    questions, prompts = build_prompts(benchmark, data_dir, split, names, shots, limit)
-    if chat:
-        prompts = [chat_wrapped(tokenizer, prompt, system_prompt) for prompt in prompts]
+    render = (lambda b, question, examples: render_prompt(tokenizer, chat_messages(b, question, examples, system_prompt))) \
+        if chat else render_question
+    questions, prompts = build_prompts(benchmark, data_dir, split, names, shots, limit, render)
     predictions = predict_letters(model, tokenizer, prompts, batch_size)
     counts = {name: [0, 0] for name in names}
     details = []
@@ -378,7 +390,8 @@ def write_lm_eval_tasks(benchmark_name: str, data_dir: str | Path, split: str, s
 
 
 def run_harness(model, tokenizer, tasks: list[str], *, shots: int, batch_size: int, chat: bool,
-                include_path: str | Path | None = None, limit: int = 0) -> tuple[dict[str, tuple[int, int]], dict]:
+                include_path: str | Path | None = None, limit: int = 0,
+                system_instruction: str | None = None) -> tuple[dict[str, tuple[int, int]], dict]:
     """`lm_eval.simple_evaluate` on the loaded model through HFLM: (correct, n) of every task it scored
     (the subtasks of a group such as `ceval-valid`) and lm-eval's own results (with every prompt it built,
     under "samples")."""
@@ -390,7 +403,7 @@ def run_harness(model, tokenizer, tasks: list[str], *, shots: int, batch_size: i
               device=str(model.device))
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, task_manager=manager, apply_chat_template=chat,
-                              limit=limit or None, log_samples=True)
+                              system_instruction=system_instruction, limit=limit or None, log_samples=True)
     counts = {}
     for task, scores in results["results"].items():
         if task in results["n-samples"] and "acc,none" in scores:
@@ -413,7 +426,8 @@ def harness_evaluate(model, tokenizer, args: argparse.Namespace) -> dict:
     """`--harness 1`: the generated tasks for a local benchmark folder, or any lm-eval task names."""
     if args.tasks:
         counts, results = run_harness(model, tokenizer, args.tasks.split(","), shots=args.shots, batch_size=args.batch_size,
-                                      chat=bool(args.chat), include_path=args.include_path, limit=args.limit)
+                                      chat=bool(args.chat), include_path=args.include_path, limit=args.limit,
+                                      system_instruction=args.system_prompt)
         summary = summarize("lm-eval", "-", args.shots, counts, harness_groups(results, counts))
         return {**summary, "chat": bool(args.chat), "harness": True}
     benchmark = BENCHMARKS[args.benchmark]
@@ -421,7 +435,8 @@ def harness_evaluate(model, tokenizer, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         tasks = write_lm_eval_tasks(benchmark.name, args.data_dir, split, subject_list(args), folder)
         counts, _ = run_harness(model, tokenizer, tasks, shots=args.shots, batch_size=args.batch_size,
-                                chat=bool(args.chat), include_path=folder, limit=args.limit)
+                                chat=bool(args.chat), include_path=folder, limit=args.limit,
+                                system_instruction=args.system_prompt)
     prefix = len(lm_eval_task_name(benchmark, split, ""))
     by_subject = {task[prefix:]: count for task, count in counts.items()}
     summary = summarize(benchmark.name, split, args.shots, by_subject, category_groups(benchmark, list(by_subject)))

@@ -85,27 +85,42 @@ def layouts(tmp_path_factory):
 
 # --- the official protocol, written out independently ----------------------------------------
 
-def official_prompt(benchmark: str, subject: str, dev: list[list[str]], row: list[str]) -> str:
-    """C-Eval: 以下是中国关于{科目}考试的单项选择题…, blocks `{q}\\nA. …\\n答案：{X}\\n\\n`;
-    CMMLU: 以下是关于{科目}的单项选择题…, blocks `题目：{q}\\nA. …\\n答案是：{X}\\n\\n`."""
+def official_parts(benchmark: str, subject: str) -> tuple[str, str, str]:
+    """(header, question prefix, answer prefix). C-Eval: 以下是中国关于{科目}考试的单项选择题…, blocks
+    `{q}\\nA. …\\n答案：{X}\\n\\n`; CMMLU: 以下是关于{科目}的单项选择题…, blocks `题目：{q}\\nA. …\\n答案是：{X}\\n\\n`."""
     if benchmark == "ceval":
-        header, start, end = f"以下是中国关于{CHINESE_NAMES[subject]}考试的单项选择题，请选出其中的正确答案。\n\n", "", "答案："
-    else:
-        header, start, end = f"以下是关于{CHINESE_NAMES[subject]}的单项选择题，请直接给出正确答案的选项。\n\n", "题目：", "答案是："
+        return f"以下是中国关于{CHINESE_NAMES[subject]}考试的单项选择题，请选出其中的正确答案。\n\n", "", "答案："
+    return f"以下是关于{CHINESE_NAMES[subject]}的单项选择题，请直接给出正确答案的选项。\n\n", "题目：", "答案是："
 
-    def block(r: list[str]) -> str:
-        return f"{start}{r[0]}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\n{end}"
 
-    return header + "".join(block(example) + example[5] + "\n\n" for example in dev) + block(row)
+def official_block(benchmark: str, subject: str, r: list[str]) -> str:
+    _, start, end = official_parts(benchmark, subject)
+    return f"{start}{r[0]}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\n{end}"
+
+
+def official_prompt(benchmark: str, subject: str, dev: list[list[str]], row: list[str]) -> str:
+    header = official_parts(benchmark, subject)[0]
+    return header + "".join(official_block(benchmark, subject, example) + example[5] + "\n\n" for example in dev) \
+        + official_block(benchmark, subject, row)
+
+
+def official_chat(benchmark: str, subject: str, dev: list[list[str]], row: list[str]) -> str:
+    """lm-eval's `--apply_chat_template` (few-shot as multi-turn) in MiniMind's ChatML: the header as the
+    system turn, each dev example a user turn answered by its letter, the question, the generation prompt."""
+    turn = "<|im_start|>{}\n{}<|im_end|>\n".format
+    return (turn("system", official_parts(benchmark, subject)[0])
+            + "".join(turn("user", official_block(benchmark, subject, example)) + turn("assistant", example[5])
+                      for example in dev)
+            + turn("user", official_block(benchmark, subject, row)) + "<|im_start|>assistant\n")
+
+
+def csv_path(folder: Path, benchmark: str, split: str, subject: str) -> Path:
+    return folder / split / (f"{subject}_{split}.csv" if benchmark == "ceval" else f"{subject}.csv")
 
 
 def read_rows(path: Path) -> list[list[str]]:
     with open(path, encoding="utf-8", newline="") as f:
         return [row[1:] for row in list(csv.reader(f))[1:]]  # drop the id / index column
-
-
-CHAT_TURN = ("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
-             "<|im_start|>assistant\n")  # MiniMind's chat template: the default system turn, the prompt as the user's
 
 
 def predictions_by_subject(details: list[dict]) -> dict[str, list[str]]:
@@ -123,7 +138,7 @@ def reference_answers(model, tokenizer, folder: Path, benchmark: str, shots: int
                       chat: bool = False, limit: int = 0) -> dict:
     """Per subject, the chosen letter and the reference letter of each question: one prompt at a time, no
     padding, argmax of the four letters' logits at the last position. `rename` swaps the subject's Chinese
-    name for another word; `chat` puts the prompt in a user turn followed by the generation prompt."""
+    name for another word; `chat`: the prompt as lm-eval's chat rendering of it (`official_chat`)."""
     letters = [tokenizer.convert_tokens_to_ids(letter) for letter in "ABCD"]
     answers = {}
     for subject in SUBJECTS[benchmark]:
@@ -133,11 +148,9 @@ def reference_answers(model, tokenizer, folder: Path, benchmark: str, shots: int
         answers[subject] = []
         rows = read_rows(folder / split / name.format(split))
         for row in rows[:limit] if limit else rows:
-            prompt = official_prompt(benchmark, subject, dev, row)
+            prompt = (official_chat if chat else official_prompt)(benchmark, subject, dev, row)
             if rename:
                 prompt = prompt.replace(CHINESE_NAMES[subject], rename, 1)
-            if chat:
-                prompt = CHAT_TURN.format(prompt)
             ids = torch.tensor([tokenizer(prompt).input_ids])
             with torch.no_grad():
                 logits = model(input_ids=ids).logits[0, -1]
@@ -197,8 +210,9 @@ def test_a_runner_with_one_word_of_its_prompt_changed_fails_the_check(sharp_mode
     assert set(predictions_by_subject(details)) == set(reference)
 
 
-def test_chat_mode_scores_the_prompt_as_a_user_turn(sharp_model, layouts):
-    """`--chat 1`: the official prompt in a user turn, then the generation prompt, scored at its last position."""
+def test_chat_mode_scores_the_prompt_as_lm_evals_chat(sharp_model, layouts):
+    """`--chat 1`: the header as the system turn, each dev example a user/assistant pair, the question, the
+    generation prompt; scored at its last position."""
     _, model, tokenizer = sharp_model
     results, details = eval_benchmark.evaluate(model, tokenizer, "cmmlu", layouts["cmmlu"], shots=2, batch_size=28, chat=True)
     answers = reference_answers(model, tokenizer, layouts["cmmlu"], "cmmlu", 2, chat=True)
@@ -269,30 +283,40 @@ def test_subject_tables_are_complete():
     assert eval_benchmark.CMMLU_CHINA_SPECIFIC <= set(cmmlu) and len(eval_benchmark.CMMLU_CHINA_SPECIFIC) == 15
 
 
-def test_chat_mode_wraps_the_prompt_in_a_user_turn(sharp_model):
+def test_chat_mode_renders_lm_evals_turns(sharp_model):
+    """The chat text for one fixed question, one dev example and a `--system_prompt`, written out."""
     _, _, tokenizer = sharp_model
-    assert eval_benchmark.chat_wrapped(tokenizer, "题目：x\n答案是：", None) == (
-        "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
-        "<|im_start|>user\n题目：x\n答案是：<|im_end|>\n<|im_start|>assistant\n")
+    cmmlu = eval_benchmark.BENCHMARKS["cmmlu"]
+    question = eval_benchmark.Question("logical", "x", ("1", "2", "3", "4"), "B", "x.csv:2")
+    example = eval_benchmark.Question("logical", "y", ("甲", "乙", "丙", "丁"), "C", "d.csv:2")
+    messages = eval_benchmark.chat_messages(cmmlu, question, [example], "你是助手。")
+    assert eval_benchmark.render_prompt(tokenizer, messages) == (
+        "<|im_start|>system\n你是助手。\n\n以下是关于逻辑学的单项选择题，请直接给出正确答案的选项。\n\n<|im_end|>\n"
+        "<|im_start|>user\n题目：y\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案是：<|im_end|>\n<|im_start|>assistant\nC<|im_end|>\n"
+        "<|im_start|>user\n题目：x\nA. 1\nB. 2\nC. 3\nD. 4\n答案是：<|im_end|>\n<|im_start|>assistant\n")
 
 
 # --- lm-evaluation-harness on the same files --------------------------------------------------
 
-@pytest.mark.parametrize("bench, shots", [("ceval", 0), ("cmmlu", 5)])
-def test_lm_eval_on_the_generated_tasks_agrees(sharp_model, layouts, tmp_path, bench, shots):
-    """Same prompts (lm-eval's logged contexts), same per-subject correct counts."""
+@pytest.mark.parametrize("bench, shots, chat", [("ceval", 0, False), ("cmmlu", 5, False), ("ceval", 5, True),
+                                               ("cmmlu", 2, True)])
+def test_lm_eval_on_the_generated_tasks_agrees(sharp_model, layouts, tmp_path, bench, shots, chat):
+    """Same prompts (lm-eval's logged contexts), same per-subject correct counts; with `--chat 1`, against
+    lm-eval's `apply_chat_template`."""
     _, model, tokenizer = sharp_model
     benchmark = bench
     split = SCORED_SPLIT[benchmark]
-    ours, _ = eval_benchmark.evaluate(model, tokenizer, benchmark, layouts[benchmark], shots=shots, batch_size=4)
+    ours, _ = eval_benchmark.evaluate(model, tokenizer, benchmark, layouts[benchmark], shots=shots, batch_size=4,
+                                      chat=chat)
     tasks = eval_benchmark.write_lm_eval_tasks(benchmark, layouts[benchmark], split, None, tmp_path)
-    counts, results = eval_benchmark.run_harness(model, tokenizer, tasks, shots=shots, batch_size=4, chat=False,
+    counts, results = eval_benchmark.run_harness(model, tokenizer, tasks, shots=shots, batch_size=4, chat=chat,
                                                  include_path=tmp_path)
     prefix = len(eval_benchmark.lm_eval_task_name(eval_benchmark.BENCHMARKS[benchmark], split, ""))
     assert {task[prefix:]: count[0] for task, count in counts.items()} == \
         {name: entry["correct"] for name, entry in ours["subjects"].items()}
-    _, prompts = eval_benchmark.build_prompts(eval_benchmark.BENCHMARKS[benchmark], layouts[benchmark], split,
-                                              SUBJECTS[benchmark], shots)
+    render = official_chat if chat else official_prompt
+    prompts = [render(benchmark, subject, read_rows(csv_path(layouts[benchmark], benchmark, "dev", subject))[:shots], row)
+               for subject in SUBJECTS[benchmark] for row in read_rows(csv_path(layouts[benchmark], benchmark, split, subject))]
     harness_prompts = [sample["arguments"][0][0] for task in tasks for sample in results["samples"][task]]
     assert sorted(harness_prompts) == sorted(prompts)
 
