@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -34,11 +35,10 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from model.cli import add_switch
-from model.generate import Decoder, Sequence
 from model.loader import load_model_and_tokenizer, quantize_int8
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from model.weights import save_weights
-from scripts.common import DEMO, REPO, cpu_name, last_json, run
+from scripts.common import DEMO, REPO, cpu_name, last_json, run, time_our_decode
 
 Generate = Callable[[torch.Tensor, int], tuple[float, float]]
 # (prompt ids (B, T), new tokens per row) -> seconds to the first new token and to the last, of one run
@@ -49,16 +49,7 @@ Generate = Callable[[torch.Tensor, int], tuple[float, float]]
 # ---------------------------------------------------------------------------------------------
 
 def ours(model) -> Generate:
-    def run_ours(ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-        start = time.perf_counter()
-        decoder = Decoder(model, slots=ids.shape[0], capacity=ids.shape[1] + new_tokens)
-        decoder.add([Sequence(row.tolist(), new_tokens) for row in ids])
-        first = time.perf_counter() - start
-        while decoder.running:
-            decoder.step()
-        return first, time.perf_counter() - start
-
-    return run_ours
+    return partial(time_our_decode, model)
 
 
 class FirstTokenClock(BaseStreamer):

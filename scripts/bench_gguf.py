@@ -23,10 +23,9 @@ import torch
 from llama_cpp import Llama
 from tqdm import tqdm
 
-from model.generate import Decoder, Sequence
 from model.loader import load_tokenizer
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
-from scripts.common import cpu_name
+from scripts.common import cpu_name, time_our_decode
 from scripts.gguf_export import OUTTYPES, write_gguf
 
 DecodeSeconds = Callable[[list[int], int], float]  # (prompt, new tokens) -> seconds of the new tokens after the first
@@ -34,12 +33,8 @@ DecodeSeconds = Callable[[list[int], int], float]  # (prompt, new tokens) -> sec
 
 def ours(model: MiniMindForCausalLM) -> DecodeSeconds:
     def decode_seconds(prompt: list[int], new_tokens: int) -> float:
-        decoder = Decoder(model, slots=1, capacity=len(prompt) + new_tokens)
-        decoder.add([Sequence(list(prompt), new_tokens)])  # prefill and the first new token
-        start = time.perf_counter()
-        while decoder.running:
-            decoder.step()
-        return time.perf_counter() - start
+        first, last = time_our_decode(model, torch.tensor([prompt]), new_tokens)
+        return last - first
 
     return decode_seconds
 

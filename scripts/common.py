@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from model.generate import Decoder, Sequence
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "dataset" / "demo"
 
@@ -155,6 +157,19 @@ def best_matmul_seconds(a: torch.Tensor, b: torch.Tensor, calls: int) -> float:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def time_our_decode(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Our decode loop (model/generate.py, what eval_llm and the server run) on a batch of equal-length
+    prompts, `new_tokens` each: seconds to the first new token (prefill included) and to the last. The
+    "ours" of bench_generate and bench_gguf."""
+    start = time.perf_counter()
+    decoder = Decoder(model, slots=ids.shape[0], capacity=ids.shape[1] + new_tokens)
+    decoder.add([Sequence(row.tolist(), new_tokens) for row in ids])
+    first = time.perf_counter() - start
+    while decoder.running:
+        decoder.step()
+    return first, time.perf_counter() - start
 
 
 def peak_matmul_flops(dtype: torch.dtype, device: torch.device) -> float:

@@ -160,9 +160,10 @@ BENCHMARK_NAMES = {"ceval": "C-Eval", "cmmlu": "CMMLU"}
 def chance_statement(stage: str, benchmark: str, correct: int, n: int) -> str:
     """One sentence: does this stage beat chance on this demo benchmark beyond noise?"""
     low, high = binomial_interval(correct, n)
-    beats = "beats chance beyond noise" if low > CHANCE else "does not beat chance beyond noise"
+    verdict = chance_verdict(correct, n)
+    beats = "beats chance beyond noise" if verdict == "above chance" else "does not beat chance beyond noise"
     return (f"- {stage} {beats} on the demo {BENCHMARK_NAMES[benchmark]}: {correct} of {n} questions right "
-            f"({correct / n:.1%}, 95% interval {low:.1%}–{high:.1%}, chance {CHANCE:.0%}): {chance_verdict(correct, n)}.")
+            f"({correct / n:.1%}, 95% interval {low:.1%}–{high:.1%}, chance {CHANCE:.0%}): {verdict}.")
 
 
 def render(env: dict, sizes: dict, compression: float, costs: dict[str, dict], evaluations: dict[str, dict],
